@@ -1,0 +1,58 @@
+"""Celery settings for writing-sessions, taken from `worker.settings`; each says why."""
+
+from worker.settings import settings
+
+broker_url = settings.broker_url
+result_backend = settings.result_backend
+
+# JSON only: producers in any language can speak it, and pickle from a broker is code execution.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+# UTC everywhere, so timestamps in results, events and ETAs mean the same on every host.
+enable_utc = True
+timezone = "UTC"
+
+# At-least-once: acknowledge after the task ran, and redeliver if the child running it dies.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# Small bounded prefetch: a dying worker strands few messages, and a busy one hoards none.
+worker_prefetch_multiplier = 4
+# With late acks a lost broker connection redelivers running tasks; cancel ours rather than
+# let them finish as duplicates (writes are idempotent either way).
+worker_cancel_long_running_tasks_on_connection_loss = True
+broker_connection_retry_on_startup = True
+
+# Time limits below the visibility timeout, so Redis never redelivers a task still running.
+task_time_limit = min(settings.task_time_limit, max(1, settings.visibility_timeout // 2))
+task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
+
+# Redis: an unacknowledged message comes back after the visibility timeout. kombu only sweeps
+# the unacked set every unacked_restore_interval x unacked_restore_throttle seconds (100 s by
+# default), so sweep every interval and keep the interval short next to the timeout.
+broker_transport_options = {
+    "visibility_timeout": settings.visibility_timeout,
+    "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+    "unacked_restore_throttle": 1,
+}
+result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+
+# Retry publishing when the broker blips, so a producer's send is not lost to a restart.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 10,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 3,
+}
+
+# Flower (and `celery events`) needs task events from workers and "sent" events from producers.
+worker_send_task_events = True
+task_send_sent_event = True
+
+# Results are for producers that wait on them; keep them a day, not forever.
+result_expires = 24 * 3600
+# Consumed from Celery's default queue (SPEC.md); producers need no routing.
+task_default_queue = "celery"

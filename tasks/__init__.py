@@ -1,0 +1,1 @@
+"""The Celery tasks producers call, by their stable names."""

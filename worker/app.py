@@ -1,0 +1,10 @@
+"""The Celery application: configured from `celeryconfig`, tasks from the `tasks` package."""
+
+from celery import Celery
+
+app = Celery("writing_sessions")
+app.config_from_object("celeryconfig")
+# worker.db ties the per-process engine to the worker signals; worker.migrate checks the schema
+# before consuming. Workers import them; producers never do.
+app.conf.imports = ("worker.db", "worker.migrate")
+app.conf.include = ("tasks.writing_sessions",)

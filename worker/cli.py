@@ -1,0 +1,207 @@
+"""The `writing-sessions` command: migrate, run a worker, send, and read what was persisted."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from worker.errors import WritingSessionsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def clean_errors(func: F) -> F:
+    """Turn project and database errors into one line on stderr and exit status 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return func(*args, **kwargs)
+        except WritingSessionsError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            message = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+            raise click.ClickException(f"database error: {type(orig).__name__}: {message}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+def main() -> None:
+    """writing-sessions: persist writing sessions sent through Celery into PostgreSQL."""
+
+
+@main.command()
+@clean_errors
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision (Alembic head)."""
+    from worker import migrate as migrations
+    from worker.settings import mask_url, settings
+
+    migrations.upgrade()
+    click.echo(f"{mask_url(settings.database_url)} is at revision {migrations.head_revision()}")
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker; every argument goes to `celery worker` (try --help)."""
+    from worker.app import app
+
+    app.worker_main(["worker", *celery_args])
+
+
+@main.command()
+@click.option("--topic", help="Topic of the session (required unless --json gives one).")
+@click.option("--content", help="Text written in the session.")
+@click.option(
+    "--content-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the content from this file (UTF-8).",
+)
+@click.option("--id", "id_", help="Session id (a UUID); a new one by default.")
+@click.option("--revision", type=int, help="Producer revision (default 0).")
+@click.option("--author-id", help="Opaque id of the author.")
+@click.option("--started-at", help="ISO 8601 start time (default: now).")
+@click.option("--ended-at", help="ISO 8601 end time.")
+@click.option(
+    "--json",
+    "json_file",
+    type=click.File("r", encoding="utf-8"),
+    help="Read the whole writing-session object from a JSON file ('-' for stdin).",
+)
+@click.option("--wait", is_flag=True, help="Wait for the worker and print the outcome.")
+@click.option(
+    "--timeout", type=float, default=30.0, show_default=True, help="Seconds --wait waits."
+)
+@clean_errors
+def send(
+    topic: str | None,
+    content: str | None,
+    content_file: Path | None,
+    id_: str | None,
+    revision: int | None,
+    author_id: str | None,
+    started_at: str | None,
+    ended_at: str | None,
+    json_file: Any,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Enqueue one writing session (writing_sessions.save) and print its task id."""
+    from worker.app import app
+    from worker.schemas import parse_writing_session
+
+    payload: dict[str, Any] = json.load(json_file) if json_file else {}
+    if not isinstance(payload, dict):
+        raise click.UsageError("--json must hold one writing-session object")
+    if content is not None and content_file is not None:
+        raise click.UsageError("give --content or --content-file, not both")
+    if content_file is not None:
+        content = content_file.read_text(encoding="utf-8")
+    flags = {
+        "id": id_,
+        "topic": topic,
+        "content": content,
+        "author_id": author_id,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "revision": revision,
+    }
+    payload.update({key: value for key, value in flags.items() if value is not None})
+    payload.setdefault("id", str(uuid.uuid4()))
+    payload.setdefault("started_at", datetime.now(UTC).isoformat())
+    parse_writing_session(payload)  # fail here, not in a dead letter
+    result = app.send_task("writing_sessions.save", args=[payload])
+    click.echo(f"sent {payload['id']} as task {result.id}")
+    if wait:
+        from celery.exceptions import TimeoutError as ResultTimeoutError
+
+        try:
+            outcome = result.get(timeout=timeout, propagate=False)
+        except ResultTimeoutError:
+            raise click.ClickException(
+                f"no outcome for task {result.id} within {timeout:g} s: is a worker running?"
+            ) from None
+        if result.failed():
+            raise click.ClickException(f"task {result.id} failed: {outcome}")
+        click.echo(json.dumps(outcome))
+
+
+@main.command("list")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@clean_errors
+def list_(limit: int, as_json: bool) -> None:
+    """List persisted writing sessions, most recently written first."""
+    from sqlalchemy import select
+
+    from worker.db import task_db
+    from worker.models import WritingSession
+
+    with task_db() as db:
+        rows = db.scalars(
+            select(WritingSession).order_by(WritingSession.updated_at.desc()).limit(limit)
+        ).all()
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(_as_dict(row, with_content=False)))
+            else:
+                state = "deleted" if row.deleted_at else f"{row.word_count} words"
+                topic = row.topic if row.topic is not None else "-"
+                click.echo(
+                    f"{row.id}  r{row.revision:<4} {row.updated_at:%Y-%m-%d %H:%M:%S}  "
+                    f"{state:>12}  {topic}"
+                )
+
+
+@main.command()
+@click.argument("session_id", type=click.UUID)
+@clean_errors
+def show(session_id: uuid.UUID) -> None:
+    """Print one writing session as JSON."""
+    from worker.db import task_db
+    from worker.models import WritingSession
+
+    with task_db() as db:
+        row = db.get(WritingSession, session_id)
+        if row is None:
+            raise click.ClickException(f"no writing session {session_id}")
+        click.echo(json.dumps(_as_dict(row, with_content=True), ensure_ascii=False, indent=2))
+
+
+def _as_dict(row: Any, with_content: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for column in row.__table__.columns:
+        if column.key == "content" and not with_content:
+            continue
+        value = getattr(row, column.key)
+        if isinstance(value, datetime):
+            value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        elif isinstance(value, uuid.UUID):
+            value = str(value)
+        data[column.key] = value
+    return data
+
+
+def run() -> None:
+    """Entry point that never shows a traceback for a bad configuration."""
+    try:
+        main()
+    except WritingSessionsError as exc:  # e.g. a bad environment variable at import time
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

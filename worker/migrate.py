@@ -1,0 +1,76 @@
+"""Alembic from Python: upgrade a database to head, and the worker's schema-is-current check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from celery import signals
+from sqlalchemy.exc import SQLAlchemyError
+
+import migrations
+from worker.errors import SchemaNotCurrentError
+from worker.settings import mask_url, settings
+
+logger = logging.getLogger(__name__)
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic Config pointing at the installed migrations, wherever the cwd is."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["url"] = url or settings.database_url
+    return config
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Upgrade the database to `revision` (head by default)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str | None:
+    """The newest revision the installed migrations know."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def check_schema_current(url: str | None = None) -> None:
+    """Raise SchemaNotCurrentError unless the database is at the head revision.
+
+    Uses a throwaway engine (NullPool) that holds no connection afterwards, so it is safe in a
+    prefork parent before it forks.
+    """
+    from worker.db import make_engine
+
+    url = url or settings.database_url
+    head = head_revision()
+    engine = make_engine(url, "writing-sessions:schema-check")
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise SchemaNotCurrentError(
+            f"cannot read the schema revision of {mask_url(url)}: {type(getattr(exc, 'orig', None) or exc).__name__}"
+        ) from exc
+    finally:
+        engine.dispose()
+    if current != head:
+        raise SchemaNotCurrentError(
+            f"database {mask_url(url)} is at schema revision {current or 'none'}, "
+            f"the code needs {head}: run `writing-sessions migrate`"
+        )
+
+
+@signals.worker_init.connect
+def _check_schema_before_consuming(**_: Any) -> None:
+    # Runs in the main process before the pool forks. Signal handlers' exceptions are only
+    # logged by Celery, so exit explicitly: SystemExit is not an Exception and propagates.
+    try:
+        check_schema_current()
+    except SchemaNotCurrentError as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(f"writing-sessions: {exc}") from exc

@@ -1,0 +1,164 @@
+"""Pydantic models of task payloads: every validation rule of SPEC.md lives here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from worker.errors import InvalidPayloadError
+from worker.models import (
+    MAX_AUTHOR_ID_LENGTH,
+    MAX_CONTENT_LENGTH,
+    MAX_REVISION,
+    MAX_TOPIC_LENGTH,
+)
+
+# PostgreSQL text cannot hold U+0000, and UTF-8 cannot encode lone surrogates.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: str) -> str:
+    found = _UNSTORABLE.search(value)
+    if found:
+        char = found.group()
+        what = (
+            "a NUL character (U+0000)"
+            if char == "\x00"
+            else f"a lone surrogate (U+{ord(char):04X})"
+        )
+        raise ValueError(f"contains {what}, which PostgreSQL cannot store")
+    return value
+
+
+def _iso_string(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be an ISO 8601 string, got {type(value).__name__}")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    # A naive timestamp is UTC (SPEC.md, Data).
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _trimmed_topic(value: str) -> str:
+    # str.strip() trims Unicode whitespace, U+3000 included.
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty or only whitespace")
+    if len(value) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"must be at most {MAX_TOPIC_LENGTH} characters, got {len(value)}")
+    return value
+
+
+StorableStr = Annotated[StrictStr, AfterValidator(_storable)]
+Timestamp = Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(_utc)]
+Revision = Annotated[StrictInt, Field(ge=0, le=MAX_REVISION)]
+
+
+class WritingSessionIn(BaseModel):
+    """A writing-session object as producers send it to `writing_sessions.save`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    topic: Annotated[StorableStr, AfterValidator(_trimmed_topic)]
+    content: Annotated[StorableStr, Field(max_length=MAX_CONTENT_LENGTH)] = ""
+    author_id: Annotated[StorableStr, Field(max_length=MAX_AUTHOR_ID_LENGTH)] | None = None
+    started_at: Timestamp | None = None
+    ended_at: Timestamp | None = None
+    revision: Revision = 0
+
+    @model_validator(mode="after")
+    def _ended_not_before_started(self) -> WritingSessionIn:
+        if self.started_at and self.ended_at and self.ended_at < self.started_at:
+            raise ValueError("ended_at: must not be before started_at")
+        return self
+
+    @property
+    def word_count(self) -> int:
+        """Tokens of content separated by Unicode whitespace, as str.split() counts them."""
+        return len(self.content.split())
+
+    @property
+    def char_count(self) -> int:
+        """Non-whitespace characters of content (meaningful for unspaced scripts)."""
+        return sum(map(len, self.content.split()))
+
+
+class DeleteIn(BaseModel):
+    """The arguments of `writing_sessions.delete`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    revision: Revision
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """One line naming each failing field and what is wrong with it (never its value)."""
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in item["loc"])
+        message = item["msg"]
+        if item["type"] == "missing":
+            message = "is required"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a known field"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        if not field and ": " in message:
+            field, message = message.split(": ", 1)
+        name = f"{prefix}{field}" if field else prefix.rstrip(".") or "payload"
+        parts.append(f"{name}: {message}")
+    return "; ".join(parts)
+
+
+def parse_writing_session(payload: Any, prefix: str = "") -> WritingSessionIn:
+    """Validate one writing-session object, raising InvalidPayloadError that names the field."""
+    if not isinstance(payload, dict):
+        name = prefix.rstrip(".") or "writing_session"
+        raise InvalidPayloadError(f"{name}: must be an object, got {_json_type(payload)}")
+    try:
+        return WritingSessionIn.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidPayloadError(describe(exc, prefix)) from exc
+
+
+def parse_delete(id: Any, revision: Any) -> DeleteIn:
+    """Validate the arguments of a delete, raising InvalidPayloadError that names the argument."""
+    try:
+        return DeleteIn.model_validate({"id": id, "revision": revision})
+    except ValidationError as exc:
+        raise InvalidPayloadError(describe(exc)) from exc
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,120 @@
+"""Reads the environment once into a frozen `Settings`; the only module that touches os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from worker.errors import ConfigurationError
+
+VAR_DIR = Path("var")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment, validated."""
+
+    database_url: str
+    broker_url: str
+    result_backend: str | None
+    visibility_timeout: int
+    sql_echo: bool
+    flower_basic_auth: str | None
+    max_retries: int
+    retry_backoff_max: int
+    task_time_limit: int
+    log_format: str
+
+    @property
+    def embedded(self) -> bool:
+        """True when the database is the server-less SQLite default."""
+        return self.database_url.startswith("sqlite")
+
+
+def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def normalize_database_url(raw: str) -> str:
+    """Select psycopg2 for plain postgresql:// URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError("DATABASE_URL is not a valid SQLAlchemy URL") from None
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg2")
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ConfigurationError(
+            f"DATABASE_URL must be a postgresql:// or sqlite:// URL, got {url.drivername}://"
+        )
+    return url.render_as_string(hide_password=False)
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    """Build the settings from an environment mapping, failing fast on a bad value."""
+    database_url = (
+        environ.get("DATABASE_URL", "").strip() or f"sqlite:///{VAR_DIR}/writing-sessions.db"
+    )
+    broker_url = (
+        environ.get("CELERY_BROKER_URL", "").strip() or f"sqla+sqlite:///{VAR_DIR}/broker.db"
+    )
+    result_backend = environ.get("CELERY_RESULT_BACKEND", "").strip()
+    if not result_backend and "CELERY_BROKER_URL" not in environ:
+        result_backend = f"db+sqlite:///{VAR_DIR}/results.db"
+    log_format = environ.get("LOG_FORMAT", "text").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    visibility_timeout = _integer(environ, "CELERY_VISIBILITY_TIMEOUT", 3600, minimum=2)
+    return Settings(
+        database_url=normalize_database_url(database_url),
+        broker_url=broker_url,
+        result_backend=result_backend or None,
+        visibility_timeout=visibility_timeout,
+        sql_echo=_flag(environ, "SQL_ECHO"),
+        flower_basic_auth=environ.get("FLOWER_BASIC_AUTH", "").strip() or None,
+        max_retries=_integer(environ, "WRITING_SESSIONS_MAX_RETRIES", 8, minimum=0),
+        retry_backoff_max=_integer(environ, "WRITING_SESSIONS_RETRY_BACKOFF_MAX", 120, minimum=1),
+        task_time_limit=_integer(environ, "WRITING_SESSIONS_TASK_TIME_LIMIT", 300, minimum=1),
+        log_format=log_format,
+    )
+
+
+def mask_url(url: str | None) -> str:
+    """Return the URL with any password replaced by ***, safe for logs and banners."""
+    if not url:
+        return ""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not an SQLAlchemy URL (e.g. amqp://): mask the userinfo password by hand.
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if not sep or not at or ":" not in userinfo:
+            return url
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+settings = load_settings()

@@ -1,0 +1,206 @@
+"""The write logic: upsert by revision, tombstones, dead letters. Helpers flush, never commit.
+
+Every decision is one `INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE stored.revision <
+incoming.revision` statement, so two workers racing on one id can neither both win nor deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Boolean, Table, literal_column, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.errors import InvalidPayloadError
+from worker.models import DeadLetter, WritingSession
+from worker.schemas import WritingSessionIn
+
+CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
+
+_table = WritingSession.__table__
+assert isinstance(_table, Table)
+_c = _table.c
+
+# Constraint names (from the naming convention) mapped back to the field they protect.
+_CONSTRAINT_ERRORS = {
+    "ck_writing_session_ended_not_before_started": (
+        "ended_at: must not be before started_at (the stored started_at, when none is sent)"
+    ),
+    "ck_writing_session_revision_in_range": "revision: must be between 0 and 2147483647",
+    "ck_writing_session_content_length": "content: must be at most 1000000 characters",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one write decided for one id."""
+
+    id: uuid.UUID
+    outcome: str
+    revision: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The task result of SPEC.md: plain JSON data."""
+        return {"id": str(self.id), "outcome": self.outcome, "revision": self.revision}
+
+
+def utcnow() -> datetime:
+    """The time of a write, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def save(db: Session, item: WritingSessionIn, now: datetime | None = None) -> Outcome:
+    """Insert or overwrite one writing session if its revision is newer than the stored one."""
+    now = now or utcnow()
+    (outcome,) = _upsert(db, [_row(item, now)], keep_started_at=item.started_at is None)
+    return outcome
+
+
+def delete(db: Session, id: uuid.UUID, revision: int, now: datetime | None = None) -> Outcome:
+    """Turn the session into a tombstone (or insert one) if the revision is newer."""
+    now = now or utcnow()
+    row = {
+        "id": id,
+        "topic": None,
+        "content": "",
+        "author_id": None,
+        "word_count": 0,
+        "char_count": 0,
+        "started_at": now,
+        "ended_at": None,
+        "revision": revision,
+        "deleted_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    (outcome,) = _upsert(db, [row], keep_started_at=True)
+    if outcome.outcome in (CREATED, UPDATED):
+        return Outcome(outcome.id, DELETED, outcome.revision)
+    return outcome
+
+
+def _row(item: WritingSessionIn, now: datetime) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "topic": item.topic,
+        "content": item.content,
+        "author_id": item.author_id,
+        "word_count": item.word_count,
+        "char_count": item.char_count,
+        "started_at": item.started_at or now,
+        "ended_at": item.ended_at,
+        "revision": item.revision,
+        "deleted_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) -> list[Outcome]:
+    """One multi-row upsert of distinct ids; returns the outcome of each, in the rows' order.
+
+    keep_started_at: the rows carry no producer started_at, so an update keeps the stored one
+    (the inserted value, the time of the write, only applies to new rows).
+    """
+    dialect = db.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(_table).values(list(rows))
+    excluded = stmt.excluded
+    changes = {
+        name: getattr(excluded, name)
+        for name in (
+            "topic",
+            "content",
+            "author_id",
+            "word_count",
+            "char_count",
+            "ended_at",
+            "revision",
+            "deleted_at",
+            "updated_at",
+        )
+    }
+    if not keep_started_at:
+        changes["started_at"] = excluded.started_at
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[_c.id], set_=changes, where=_c.revision < excluded.revision
+    )
+    ids = [row["id"] for row in rows]
+    try:
+        if dialect == "postgresql":
+            # xmax is 0 on a freshly inserted row version and our transaction id on an update.
+            inserted = literal_column("xmax = 0", Boolean).label("inserted")
+            written = {
+                row.id: (CREATED if row.inserted else UPDATED, row.revision)
+                for row in db.execute(stmt.returning(_c.id, _c.revision, inserted))
+            }
+        else:
+            # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
+            before = _stored_revisions(db, ids)
+            written = {
+                row.id: (UPDATED if row.id in before else CREATED, row.revision)
+                for row in db.execute(stmt.returning(_c.id, _c.revision))
+            }
+    except IntegrityError as exc:
+        raise _invalid_payload(exc) from exc
+    unwritten = [id for id in ids if id not in written]
+    stored = _stored_revisions(db, unwritten) if unwritten else {}
+    outcomes = []
+    for row in rows:
+        id = row["id"]
+        if id in written:
+            outcome, revision = written[id]
+        else:
+            revision = stored[id]
+            outcome = DUPLICATE if revision == row["revision"] else STALE
+        outcomes.append(Outcome(id, outcome, revision))
+    return outcomes
+
+
+def _stored_revisions(db: Session, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
+    query = select(_c.id, _c.revision).where(_c.id.in_(list(ids)))
+    return {row.id: row.revision for row in db.execute(query)}
+
+
+def _invalid_payload(exc: IntegrityError) -> InvalidPayloadError:
+    diag = getattr(exc.orig, "diag", None)
+    name = getattr(diag, "constraint_name", None) or str(exc.orig)
+    for constraint, message in _CONSTRAINT_ERRORS.items():
+        if constraint in name:
+            return InvalidPayloadError(message)
+    return InvalidPayloadError(f"the database refused the row: {type(exc.orig).__name__}")
+
+
+def add_dead_letter(
+    db: Session,
+    *,
+    task_name: str,
+    task_id: str | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    error_type: str,
+    error: str,
+    attempts: int,
+    now: datetime | None = None,
+) -> DeadLetter:
+    """Record a message that could not be persisted, with its arguments exactly as received."""
+    letter = DeadLetter(
+        task_name=task_name,
+        task_id=task_id,
+        # ensure_ascii keeps NUL characters and lone surrogates as escapes, byte for byte.
+        payload=json.dumps({"args": list(args), "kwargs": kwargs}, ensure_ascii=True),
+        error_type=error_type,
+        error=error,
+        attempts=attempts,
+        failed_at=now or utcnow(),
+    )
+    db.add(letter)
+    db.flush()
+    return letter

@@ -1,0 +1,98 @@
+"""The base class of our tasks: argument shapes, retries of transient faults, dead letters.
+
+Every final failure ends in `dead_letter` (written in a short transaction of its own, after the
+task's Session was rolled back and closed) and then FAILURE with the same message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from celery import Task
+from celery.utils.time import get_exponential_backoff_interval
+
+from worker import store
+from worker.db import is_transient, task_db
+from worker.errors import InvalidPayloadError, PermanentError, TransientError
+from worker.settings import settings
+
+logger = logging.getLogger(__name__)
+
+
+class WritingSessionsTask(Task):
+    """Base of the writing_sessions.* tasks."""
+
+    # Celery would reject a wrong argument shape before our code runs, with no dead letter;
+    # __call__ checks the shape itself and names the argument instead.
+    typing = False
+    max_retries = settings.max_retries
+    retry_backoff_max = settings.retry_backoff_max
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._check_arguments(args, kwargs)
+            return self.run(*args, **kwargs)
+        except PermanentError as exc:
+            self._dead_letter(exc, args, kwargs)
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                # A bug, not bad input: keep the message for a replay once it is fixed.
+                self._dead_letter(exc, args, kwargs)
+                raise
+            self._retry_or_dead_letter(exc, args, kwargs)
+            raise  # not reached: the line above always raises
+
+    def _check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as exc:
+            expected = ", ".join(inspect.signature(self.run).parameters)
+            raise InvalidPayloadError(f"arguments: {exc} (expected: {expected})") from None
+
+    def _retry_or_dead_letter(
+        self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        retries = self.request.retries
+        error = TransientError(f"{type(exc).__name__}: {_first_line(exc)}")
+        if self.max_retries is None or retries < self.max_retries:
+            countdown = get_exponential_backoff_interval(
+                factor=1, retries=retries, maximum=self.retry_backoff_max, full_jitter=True
+            )
+            logger.warning("transient fault, retry %d in %ss: %s", retries + 1, countdown, error)
+            raise self.retry(exc=error, countdown=countdown) from exc
+        try:
+            self._dead_letter(error, args, kwargs)
+        except Exception as letter_exc:
+            if not is_transient(letter_exc):
+                raise
+            # The database still refuses even the dead letter: keep the message on the broker
+            # rather than drop it, and try again at the backoff cap.
+            raise self.retry(
+                exc=error, countdown=self.retry_backoff_max, max_retries=None
+            ) from letter_exc
+        raise error from exc
+
+    def _dead_letter(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with task_db() as db:
+            letter = store.add_dead_letter(
+                db,
+                task_name=self.name,
+                task_id=self.request.id,
+                args=args,
+                kwargs=kwargs,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                attempts=self.request.retries + 1,
+            )
+            letter_id = letter.id
+        logger.warning(
+            "dead letter %s for task %s[%s]: %s", letter_id, self.name, self.request.id, exc
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
