@@ -53,8 +53,9 @@ def check_schema_current(url: str | None = None) -> None:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as exc:
+        cause = type(getattr(exc, "orig", None) or exc).__name__
         raise SchemaNotCurrentError(
-            f"cannot read the schema revision of {mask_url(url)}: {type(getattr(exc, 'orig', None) or exc).__name__}"
+            f"cannot read the schema revision of {mask_url(url)}: {cause}"
         ) from exc
     finally:
         engine.dispose()

@@ -59,13 +59,18 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _trimmed_topic(value: str) -> str:
-    # str.strip() trims Unicode whitespace, U+3000 included.
-    value = value.strip()
+def _at_most(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters, got {len(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _not_blank(value: str) -> str:
     if not value:
         raise ValueError("must not be empty or only whitespace")
-    if len(value) > MAX_TOPIC_LENGTH:
-        raise ValueError(f"must be at most {MAX_TOPIC_LENGTH} characters, got {len(value)}")
     return value
 
 
@@ -80,9 +85,15 @@ class WritingSessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: uuid.UUID
-    topic: Annotated[StorableStr, AfterValidator(_trimmed_topic)]
-    content: Annotated[StorableStr, Field(max_length=MAX_CONTENT_LENGTH)] = ""
-    author_id: Annotated[StorableStr, Field(max_length=MAX_AUTHOR_ID_LENGTH)] | None = None
+    # str.strip() trims Unicode whitespace, U+3000 included; limits apply after trimming.
+    topic: Annotated[
+        StorableStr,
+        AfterValidator(str.strip),
+        AfterValidator(_not_blank),
+        _at_most(MAX_TOPIC_LENGTH),
+    ]
+    content: Annotated[StorableStr, _at_most(MAX_CONTENT_LENGTH)] = ""
+    author_id: Annotated[StorableStr, _at_most(MAX_AUTHOR_ID_LENGTH)] | None = None
     started_at: Timestamp | None = None
     ended_at: Timestamp | None = None
     revision: Revision = 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Table, literal_column, select
+from sqlalchemy import Boolean, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,9 +24,7 @@ from worker.schemas import WritingSessionIn
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
 
-_table = WritingSession.__table__
-assert isinstance(_table, Table)
-_c = _table.c
+_c = WritingSession.__table__.c
 
 # Constraint names (from the naming convention) mapped back to the field they protect.
 _CONSTRAINT_ERRORS = {
@@ -111,7 +109,7 @@ def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) 
     """
     dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(_table).values(list(rows))
+    stmt = insert(WritingSession).values(list(rows))
     excluded = stmt.excluded
     changes = {
         name: getattr(excluded, name)

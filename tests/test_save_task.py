@@ -1,0 +1,199 @@
+"""writing_sessions.save through real prefork, solo and threads workers on real services."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import count_rows, new_session, send_save, wait_for
+
+
+def test_a_thousand_saves_become_a_thousand_rows_with_counts(db, producer, start_worker):
+    start_worker(concurrency=2)
+    payloads = [new_session(content=f"word {'x ' * (i % 7)}end\u3000終わり") for i in range(1000)]
+
+    for payload in payloads:
+        send_save(producer, payload)
+
+    wait_for(lambda: count_rows(db) == 1000, 120, "1,000 rows")
+    with db.connect() as connection:
+        rows = {
+            str(row.id): row
+            for row in connection.execute(
+                sa.text("SELECT id, word_count, char_count FROM writing_session")
+            )
+        }
+    for payload in payloads:
+        row = rows[payload["id"]]
+        assert row.word_count == len(payload["content"].split())
+        assert row.char_count == len("".join(payload["content"].split()))
+
+
+def test_serial_saves_report_created_updated_duplicate_stale(db, producer, start_worker):
+    start_worker()
+    payload = new_session(revision=5)
+
+    results = [
+        send_save(producer, {**payload, "revision": revision}).get(timeout=30)
+        for revision in (5, 7, 7, 6)
+    ]
+
+    assert [r["outcome"] for r in results] == ["created", "updated", "duplicate", "stale"]
+    assert [r["revision"] for r in results] == [5, 7, 7, 7]
+    assert {r["id"] for r in results} == {payload["id"]}
+
+
+def test_update_overwrites_fields_and_keeps_started_at_when_absent(db, producer, start_worker):
+    start_worker()
+    payload = new_session(started_at="2024-05-01T10:00:00", revision=1)
+    send_save(producer, payload).get(timeout=30)
+
+    update = {"id": payload["id"], "topic": "  New topic  ", "content": "a b c", "revision": 2}
+    result = send_save(producer, update).get(timeout=30)
+
+    assert result["outcome"] == "updated"
+    with db.connect() as connection:
+        row = connection.execute(
+            sa.text("SELECT * FROM writing_session WHERE id = :id"), {"id": payload["id"]}
+        ).one()
+    assert row.topic == "New topic"
+    assert (row.word_count, row.char_count) == (3, 3)
+    assert row.started_at.isoformat() == "2024-05-01T10:00:00+00:00"
+    assert row.deleted_at is None
+
+
+def test_connections_come_only_from_children_one_each(db, producer, start_worker, database_url):
+    worker = start_worker(concurrency=2)
+    database = database_url.rsplit("/", 1)[1]
+    seen: dict[str, int] = {}
+
+    for payload in (new_session() for _ in range(600)):
+        send_save(producer, payload)
+
+    def sample() -> bool:
+        with db.connect() as connection:
+            rows = connection.execute(
+                sa.text(
+                    "SELECT application_name, count(*) AS n FROM pg_stat_activity "
+                    "WHERE datname = :db AND application_name LIKE 'writing-sessions:%' "
+                    "GROUP BY application_name"
+                ),
+                {"db": database},
+            ).all()
+        for row in rows:
+            seen[row.application_name] = max(seen.get(row.application_name, 0), row.n)
+        return count_rows(db) == 600
+
+    wait_for(sample, 120, "600 rows", interval=0.02)
+    children = worker.children()
+    pids = {int(name.rsplit(":", 1)[1]) for name in seen}
+    assert seen, "no worker connection was ever seen"
+    assert pids <= children, f"connections from {pids}, children are {children}"
+    assert worker.pid not in pids
+    assert all(count == 1 for count in seen.values()), seen
+    assert all(name.startswith(f"writing-sessions:{worker.node.split('@')[0]}@") for name in seen)
+
+
+def test_failed_update_leaves_row_unchanged_and_no_transaction_open(
+    db, producer, start_worker, database_url
+):
+    worker = start_worker(concurrency=1)
+    payload = new_session(started_at="2024-05-01T10:00:00+00:00", revision=1)
+    send_save(producer, payload).get(timeout=30)
+
+    # ended_at before the *stored* started_at: only the database can see that; its CHECK fails
+    # in the middle of the task's transaction.
+    bad = {
+        "id": payload["id"],
+        "topic": "changed",
+        "ended_at": "2024-04-01T00:00:00",
+        "revision": 2,
+    }
+    result = send_save(producer, bad)
+    result.get(timeout=30, propagate=False)
+
+    assert result.state == "FAILURE"
+    assert "ended_at" in str(result.result)
+    with db.connect() as connection:
+        row = connection.execute(
+            sa.text("SELECT topic, revision FROM writing_session WHERE id = :id"),
+            {"id": payload["id"]},
+        ).one()
+        states = (
+            connection.execute(
+                sa.text(
+                    "SELECT state FROM pg_stat_activity WHERE datname = :db "
+                    "AND application_name LIKE 'writing-sessions:%'"
+                ),
+                {"db": database_url.rsplit("/", 1)[1]},
+            )
+            .scalars()
+            .all()
+        )
+    assert (row.topic, row.revision) == ("A topic", 1)
+    assert states and all(state == "idle" for state in states), states
+    assert "connection leak" not in worker.log()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_solo_and_threads_pools_persist_with_one_engine_in_the_main_process(
+    db, producer, start_worker, pool, database_url
+):
+    worker = start_worker(pool=pool, concurrency=1 if pool == "solo" else 4)
+    payloads = [new_session() for _ in range(100)]
+
+    results = [send_save(producer, payload) for payload in payloads]
+    outcomes = [result.get(timeout=60) for result in results]
+
+    assert {o["outcome"] for o in outcomes} == {"created"}
+    assert count_rows(db) == 100
+    with db.connect() as connection:
+        names = (
+            connection.execute(
+                sa.text(
+                    "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = :db "
+                    "AND application_name LIKE 'writing-sessions:%'"
+                ),
+                {"db": database_url.rsplit("/", 1)[1]},
+            )
+            .scalars()
+            .all()
+        )
+    assert names and {int(name.rsplit(":", 1)[1]) for name in names} == {worker.pid}
+
+
+def test_invalid_messages_fail_with_the_field_named_and_valid_ones_persist(
+    db, producer, start_worker
+):
+    worker = start_worker()
+    valid = [new_session() for _ in range(3)]
+    invalid = [
+        ({"id": str(uuid.uuid4())}, "topic: is required"),
+        (new_session(colour="red"), "colour: is not a known field"),
+        (new_session(topic="x" * 201), "topic: must be at most 200 characters"),
+        (new_session(content="nul\x00here"), "content: contains a NUL character"),
+        ("not an object", "writing_session: must be an object"),
+    ]
+
+    sent_valid = []
+    failed = []
+    for good, (bad, message) in zip(valid, invalid[:3], strict=True):
+        sent_valid.append(send_save(producer, good))
+        failed.append((send_save(producer, bad), message))
+    failed.extend((send_save(producer, bad), message) for bad, message in invalid[3:])
+    wrong_shape = producer.send_task("writing_sessions.save", args=[new_session(), "extra"])
+
+    for result in sent_valid:
+        assert result.get(timeout=30)["outcome"] == "created"
+    for result, message in failed:
+        result.get(timeout=30, propagate=False)
+        assert result.state == "FAILURE"
+        assert message in str(result.result)
+    wrong_shape.get(timeout=30, propagate=False)
+    assert wrong_shape.state == "FAILURE"
+    assert "arguments: too many positional arguments" in str(wrong_shape.result)
+    assert count_rows(db) == 3
+    assert worker.alive()
