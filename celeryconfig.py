@@ -32,12 +32,21 @@ task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
 # Redis: an unacknowledged message comes back after the visibility timeout. kombu only sweeps
 # the unacked set every unacked_restore_interval x unacked_restore_throttle seconds (100 s by
 # default), so sweep every interval and keep the interval short next to the timeout.
-broker_transport_options = {
+_redis_transport_options = {
     "visibility_timeout": settings.visibility_timeout,
     "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
     "unacked_restore_throttle": 1,
 }
+# The embedded broker (kombu's SQLAlchemy transport) passes its options to create_engine:
+# let SQLite writers wait for each other instead of failing with "database is locked".
+_sqlite_transport_options = {"connect_args": {"timeout": 30}}
+broker_transport_options = (
+    _sqlite_transport_options
+    if settings.broker_url.startswith("sqla+")
+    else _redis_transport_options
+)
 result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+database_engine_options = {"connect_args": {"timeout": 30}}
 
 # Retry publishing when the broker blips, so a producer's send is not lost to a restart.
 task_publish_retry = True

@@ -1,0 +1,10 @@
+# Sourced by scripts/worker and scripts/test: make ./.venv with the project installed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+fi
+# Cheap when nothing changed; picks up new dependencies when pyproject.toml did.
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[$EXTRAS]"
