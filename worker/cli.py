@@ -142,6 +142,20 @@ def send(
         click.echo(json.dumps(outcome))
 
 
+@main.command()
+@click.option("--workers", is_flag=True, help="Also require at least one worker to answer ping.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds per check.")
+def health(workers: bool, timeout: float) -> None:
+    """Check broker, database and schema (and workers); one line per check, exit 1 on failure."""
+    from worker.health import run_checks
+
+    ok = True
+    for check in run_checks(workers=workers, timeout=timeout):
+        ok &= check.ok
+        click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    sys.exit(0 if ok else 1)
+
+
 @main.command("list")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")

@@ -1,0 +1,98 @@
+"""The `writing-sessions` command, run as users run it: a subprocess with an environment."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from tests.conftest import count_rows, run_cli, service_env
+
+
+def test_send_wait_list_and_show_round_trip(env, start_worker, tmp_path):
+    start_worker()
+    content = tmp_path / "essay.txt"
+    content.write_text("今日は 晴れ です", encoding="utf-8")
+    session_id = str(uuid.uuid4())
+
+    sent = run_cli(
+        "send",
+        "--id",
+        session_id,
+        "--topic",
+        " Diary ",
+        "--content-file",
+        str(content),
+        "--author-id",
+        "u-1",
+        "--revision",
+        "3",
+        "--wait",
+        env=env,
+        cwd=tmp_path,
+    )
+    listed = run_cli("list", "--json", env=env, cwd=tmp_path)
+    shown = run_cli("show", session_id, env=env, cwd=tmp_path)
+
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout.splitlines()[-1]) == {
+        "id": session_id,
+        "outcome": "created",
+        "revision": 3,
+    }
+    assert json.loads(listed.stdout.splitlines()[0])["id"] == session_id
+    row = json.loads(shown.stdout)
+    assert (row["topic"], row["content"], row["word_count"], row["char_count"]) == (
+        "Diary",
+        "今日は 晴れ です",
+        3,
+        7,
+    )
+
+
+def test_send_refuses_a_bad_payload_before_enqueueing(env, db, tmp_path):
+    result = run_cli("send", "--topic", "x" * 300, env=env, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: topic: must be at most 200 characters, got 300"
+    assert "Traceback" not in result.stderr
+    assert count_rows(db) == 0
+
+
+def test_show_of_an_unknown_id_is_one_clear_line(env, tmp_path):
+    missing = str(uuid.uuid4())
+
+    result = run_cli("show", missing, env=env, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: no writing session {missing}"
+
+
+def test_a_bad_environment_variable_is_named_without_a_traceback(tmp_path):
+    result = run_cli("list", env=service_env(CELERY_VISIBILITY_TIMEOUT="an hour"), cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "CELERY_VISIBILITY_TIMEOUT must be an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_health_passes_with_a_worker_and_fails_without(env, start_worker, tmp_path):
+    without = run_cli("health", "--workers", "--timeout", "1", env=env, cwd=tmp_path)
+    start_worker()
+    with_worker = run_cli("health", "--workers", env=env, cwd=tmp_path)
+
+    assert without.returncode == 1
+    assert "FAIL workers: no worker answered ping" in without.stdout
+    assert with_worker.returncode == 0, with_worker.stdout
+    lines = with_worker.stdout.splitlines()
+    assert [line.split(":")[0].split(" ")[0] for line in lines] == ["ok", "ok", "ok"]
+    assert "workers: 1 answered" in with_worker.stdout
+
+
+def test_health_fails_on_an_unreachable_database_and_masks_the_password(env, tmp_path):
+    bad = {**env, "DATABASE_URL": "postgresql://ws:hunter2@127.0.0.1:1/none"}
+
+    result = run_cli("health", env=bad, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "FAIL database" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
