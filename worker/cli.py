@@ -129,17 +129,27 @@ def send(
     result = app.send_task("writing_sessions.save", args=[payload])
     click.echo(f"sent {payload['id']} as task {result.id}")
     if wait:
-        from celery.exceptions import TimeoutError as ResultTimeoutError
+        _print_outcome(result, timeout)
 
-        try:
-            outcome = result.get(timeout=timeout, propagate=False)
-        except ResultTimeoutError:
-            raise click.ClickException(
-                f"no outcome for task {result.id} within {timeout:g} s: is a worker running?"
-            ) from None
-        if result.failed():
-            raise click.ClickException(f"task {result.id} failed: {outcome}")
-        click.echo(json.dumps(outcome))
+
+def _print_outcome(result: Any, timeout: float) -> None:
+    from celery.exceptions import TimeoutError as ResultTimeoutError
+
+    try:
+        outcome = result.get(timeout=timeout, propagate=False)
+    except ResultTimeoutError:
+        raise click.ClickException(
+            f"no outcome for task {result.id} within {timeout:g} s: is a worker running?"
+        ) from None
+    if result.failed():
+        raise click.ClickException(f"task {result.id} failed: {outcome}")
+    click.echo(json.dumps(outcome))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 @main.command()
@@ -154,6 +164,98 @@ def health(workers: bool, timeout: float) -> None:
         ok &= check.ok
         click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
     sys.exit(0 if ok else 1)
+
+
+@main.command("delete")
+@click.argument("session_id", type=click.UUID)
+@click.option("--revision", type=int, required=True, help="Revision of the deletion.")
+@click.option("--wait", is_flag=True, help="Wait for the worker and print the outcome.")
+@click.option(
+    "--timeout", type=float, default=30.0, show_default=True, help="Seconds --wait waits."
+)
+@clean_errors
+def delete_(session_id: uuid.UUID, revision: int, wait: bool, timeout: float) -> None:
+    """Enqueue writing_sessions.delete: erase the session, keep a tombstone."""
+    from worker.app import app
+    from worker.schemas import parse_delete
+
+    parse_delete(str(session_id), revision)
+    result = app.send_task("writing_sessions.delete", args=[str(session_id), revision])
+    click.echo(f"sent delete of {session_id} as task {result.id}")
+    if wait:
+        _print_outcome(result, timeout)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Messages the worker could not persist: list, show, replay."""
+
+
+@dead_letters.command("list")
+@click.option("--task", "task_name", help="Only this task name (e.g. writing_sessions.save).")
+@click.option("--since", type=click.DateTime(), help="Failed at or after (UTC).")
+@click.option("--until", type=click.DateTime(), help="Failed before (UTC).")
+@click.option("--pending", is_flag=True, help="Only letters not yet replayed.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@clean_errors
+def dead_letters_list(
+    task_name: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    pending: bool,
+    limit: int,
+) -> None:
+    """List dead letters, newest first, with their error."""
+    from worker import dead_letters as letters
+
+    for letter in letters.find(
+        task_name=task_name,
+        since=_utc(since),
+        until=_utc(until),
+        include_replayed=not pending,
+        limit=limit,
+    ):
+        replayed = " (replayed)" if letter.replayed_at else ""
+        click.echo(
+            f"{letter.id:>6}  {_utc(letter.failed_at):%Y-%m-%d %H:%M:%S}  {letter.task_name}  "
+            f"x{letter.attempts}  {letter.error_type}: {letter.error}{replayed}"
+        )
+
+
+@dead_letters.command("show")
+@click.argument("letter_id", type=int)
+@clean_errors
+def dead_letters_show(letter_id: int) -> None:
+    """Print one dead letter as JSON, its payload exactly as received."""
+    from worker import dead_letters as letters
+
+    letter = letters.get(letter_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter {letter_id}")
+    data = _as_dict(letter, with_content=True)
+    data["payload"] = json.loads(letter.payload)
+    click.echo(json.dumps(data, indent=2))
+
+
+@dead_letters.command("replay")
+@click.argument("letter_ids", type=int, nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Every letter not yet replayed.")
+@clean_errors
+def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
+    """Re-enqueue the original arguments of dead letters and mark them replayed."""
+    from worker import dead_letters as letters
+
+    if bool(letter_ids) == replay_all:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    replayed = letters.replay(None if replay_all else list(letter_ids))
+    for letter_id, task_id in replayed:
+        click.echo(f"replayed {letter_id} as task {task_id}")
+    skipped = set(letter_ids) - {letter_id for letter_id, _ in replayed}
+    if skipped:
+        raise click.ClickException(
+            f"not found or already replayed: {', '.join(map(str, sorted(skipped)))}"
+        )
+    click.echo(f"{len(replayed)} replayed")
 
 
 @main.command("list")
@@ -205,7 +307,7 @@ def _as_dict(row: Any, with_content: bool) -> dict[str, Any]:
             continue
         value = getattr(row, column.key)
         if isinstance(value, datetime):
-            value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+            value = value.replace(tzinfo=value.tzinfo or UTC).isoformat()
         elif isinstance(value, uuid.UUID):
             value = str(value)
         data[column.key] = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -152,6 +153,45 @@ def parse_writing_session(payload: Any, prefix: str = "") -> WritingSessionIn:
         return WritingSessionIn.model_validate(payload)
     except ValidationError as exc:
         raise InvalidPayloadError(describe(exc, prefix)) from exc
+
+
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One item of a batch that failed validation, kept as received."""
+
+    index: int
+    item: Any
+    error: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated `save_many` batch: the valid items (with their positions) and the rejected."""
+
+    items: list[WritingSessionIn]
+    positions: list[int]
+    rejected: list[Rejected]
+
+
+def parse_batch(payload: Any, name: str = "writing_sessions") -> Batch:
+    """Validate each item of a save_many batch on its own; the batch shape itself must be right."""
+    if not isinstance(payload, list) or not 1 <= len(payload) <= MAX_BATCH:
+        got = f"a list of {len(payload)}" if isinstance(payload, list) else _json_type(payload)
+        raise InvalidPayloadError(
+            f"{name}: must be a list of 1 to {MAX_BATCH} writing-session objects, got {got}"
+        )
+    batch = Batch([], [], [])
+    for index, raw in enumerate(payload):
+        try:
+            batch.items.append(parse_writing_session(raw, prefix=f"{name}[{index}]."))
+        except InvalidPayloadError as exc:
+            batch.rejected.append(Rejected(index, raw, str(exc)))
+        else:
+            batch.positions.append(index)
+    return batch
 
 
 def parse_delete(id: Any, revision: Any) -> DeleteIn:

@@ -61,6 +61,71 @@ def save(db: Session, item: WritingSessionIn, now: datetime | None = None) -> Ou
     return outcome
 
 
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What a save_many decided: counts per outcome, and the items the database refused."""
+
+    counts: dict[str, int]
+    refused: list[tuple[int, str]]
+
+
+def save_many(
+    db: Session, items: Sequence[WritingSessionIn], now: datetime | None = None
+) -> BatchOutcome:
+    """Write a batch with the revision rule, in as few statements as the database allows.
+
+    The highest revision of each id wins inside the batch (superseded copies count as stale,
+    equal copies as duplicate). Rows go in id order, so concurrent batches lock in the same order
+    and cannot deadlock. An item the database refuses (its CHECK constraints) is set aside and
+    reported, without losing the others.
+    """
+    now = now or utcnow()
+    counts = dict.fromkeys((CREATED, UPDATED, DUPLICATE, STALE), 0)
+    winners: dict[uuid.UUID, int] = {}
+    for index, item in enumerate(items):
+        best = winners.get(item.id)
+        if best is None or item.revision > items[best].revision:
+            winners[item.id] = index
+    for index, item in enumerate(items):
+        winner = winners[item.id]
+        if index != winner:
+            counts[DUPLICATE if item.revision == items[winner].revision else STALE] += 1
+    ordered = sorted(winners.values(), key=lambda index: items[index].id)
+    refused: list[tuple[int, str]] = []
+    # Rows without a producer started_at keep the stored one on update: a statement of their own.
+    for keep_started_at in (False, True):
+        group = [i for i in ordered if (items[i].started_at is None) == keep_started_at]
+        if not group:
+            continue
+        for outcome in _upsert_isolating_refusals(db, items, group, now, keep_started_at, refused):
+            counts[outcome.outcome] += 1
+    refused.sort()
+    return BatchOutcome(counts, refused)
+
+
+def _upsert_isolating_refusals(
+    db: Session,
+    items: Sequence[WritingSessionIn],
+    group: list[int],
+    now: datetime,
+    keep_started_at: bool,
+    refused: list[tuple[int, str]],
+) -> list[Outcome]:
+    try:
+        with db.begin_nested():
+            return _upsert(db, [_row(items[i], now) for i in group], keep_started_at)
+    except InvalidPayloadError:
+        pass  # one or more rows broke a CHECK: find them one savepoint at a time
+    outcomes = []
+    for index in group:
+        try:
+            with db.begin_nested():
+                outcomes += _upsert(db, [_row(items[index], now)], keep_started_at)
+        except InvalidPayloadError as exc:
+            refused.append((index, str(exc)))
+    return outcomes
+
+
 def delete(db: Session, id: uuid.UUID, revision: int, now: datetime | None = None) -> Outcome:
     """Turn the session into a tombstone (or insert one) if the revision is newer."""
     now = now or utcnow()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy.orm import Session
 
 from worker import store
 from worker.db import is_transient, task_db
@@ -76,20 +78,26 @@ class WritingSessionsTask(Task):
         raise error from exc
 
     def _dead_letter(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # A short transaction of its own: the task's Session has already been rolled back.
         with task_db() as db:
-            letter = store.add_dead_letter(
-                db,
-                task_name=self.name,
-                task_id=self.request.id,
-                args=args,
-                kwargs=kwargs,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                attempts=self.request.retries + 1,
-            )
-            letter_id = letter.id
+            self.add_dead_letter(db, args=args, kwargs=kwargs, error=exc)
+
+    def add_dead_letter(
+        self, db: Session, *, args: Sequence[Any], kwargs: dict[str, Any], error: Exception
+    ) -> None:
+        """Record this run's arguments (or one rejected item of them) in `dead_letter`."""
+        letter = store.add_dead_letter(
+            db,
+            task_name=self.name,
+            task_id=self.request.id,
+            args=args,
+            kwargs=kwargs,
+            error_type=type(error).__name__,
+            error=str(error),
+            attempts=self.request.retries + 1,
+        )
         logger.warning(
-            "dead letter %s for task %s[%s]: %s", letter_id, self.name, self.request.id, exc
+            "dead letter %s for task %s[%s]: %s", letter.id, self.name, self.request.id, error
         )
 
 

@@ -1,0 +1,70 @@
+"""Reading and replaying dead letters: the messages the worker could not persist."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from worker.db import task_db
+from worker.models import DeadLetter
+from worker.store import utcnow
+
+
+def find(
+    *,
+    task_name: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    include_replayed: bool = True,
+    limit: int = 50,
+) -> list[DeadLetter]:
+    """Dead letters, newest first, filtered by task name and failure time."""
+    query = select(DeadLetter).order_by(DeadLetter.failed_at.desc(), DeadLetter.id.desc())
+    if task_name:
+        query = query.where(DeadLetter.task_name == task_name)
+    if since:
+        query = query.where(DeadLetter.failed_at >= since)
+    if until:
+        query = query.where(DeadLetter.failed_at < until)
+    if not include_replayed:
+        query = query.where(DeadLetter.replayed_at.is_(None))
+    with task_db() as db:
+        return list(db.scalars(query.limit(limit)))
+
+
+def get(letter_id: int) -> DeadLetter | None:
+    """One dead letter by id."""
+    with task_db() as db:
+        return db.get(DeadLetter, letter_id)
+
+
+def replay(letter_ids: Sequence[int] | None) -> list[tuple[int, str]]:
+    """Re-enqueue the original arguments of dead letters not yet replayed; mark them replayed.
+
+    `None` replays every letter not yet replayed. The message is sent before the letter is
+    marked (and outside any transaction), so a crash in between can only replay it twice, which
+    idempotent writes make harmless. A replay that fails again is a new dead letter: nothing
+    loops. Returns (letter id, new task id) pairs.
+    """
+    from worker.app import app
+
+    query = select(DeadLetter).where(DeadLetter.replayed_at.is_(None)).order_by(DeadLetter.id)
+    if letter_ids is not None:
+        query = query.where(DeadLetter.id.in_(list(letter_ids)))
+    with task_db() as db:
+        letters = [(letter.id, letter.task_name, letter.payload) for letter in db.scalars(query)]
+    replayed = []
+    for letter_id, task_name, payload in letters:
+        message = json.loads(payload)
+        result = app.send_task(task_name, args=message["args"], kwargs=message["kwargs"])
+        with task_db() as db:
+            db.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id == letter_id, DeadLetter.replayed_at.is_(None))
+                .values(replayed_at=utcnow())
+            )
+        replayed.append((letter_id, result.id))
+    return replayed
