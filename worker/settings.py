@@ -95,7 +95,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         visibility_timeout=visibility_timeout,
         sql_echo=_flag(environ, "SQL_ECHO"),
         flower_basic_auth=environ.get("FLOWER_BASIC_AUTH", "").strip() or None,
-        max_retries=_integer(environ, "WRITING_SESSIONS_MAX_RETRIES", 8, minimum=0),
+        max_retries=_integer(environ, "WRITING_SESSIONS_MAX_RETRIES", 10, minimum=0),
         retry_backoff_max=_integer(environ, "WRITING_SESSIONS_RETRY_BACKOFF_MAX", 120, minimum=1),
         task_time_limit=_integer(environ, "WRITING_SESSIONS_TASK_TIME_LIMIT", 300, minimum=1),
         log_format=log_format,

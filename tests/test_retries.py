@@ -1,0 +1,112 @@
+"""Transient faults are retried with backoff; exhausted retries end in dead_letter, replayable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from tests.conftest import count_rows, new_session, run_cli, send_save, wait_for
+from tests.proxy import TcpProxy
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[TcpProxy]:
+    url = make_url(database_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def refusing_writes(db: sa.Engine) -> Iterator[sa.Engine]:
+    """Make the real database answer every write to writing_session with a serialization failure
+    (SQLSTATE 40001), while dead_letter stays writable."""
+    with db.begin() as connection:
+        connection.execute(
+            sa.text(
+                "CREATE FUNCTION ws_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not serialize access (test)' USING ERRCODE = '40001'; "
+                "END $$"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "CREATE TRIGGER ws_test_refuse BEFORE INSERT OR UPDATE ON writing_session "
+                "FOR EACH ROW EXECUTE FUNCTION ws_test_refuse()"
+            )
+        )
+    try:
+        yield db
+    finally:
+        allow_writes(db)
+
+
+def allow_writes(engine: sa.Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TRIGGER IF EXISTS ws_test_refuse ON writing_session"))
+        connection.execute(sa.text("DROP FUNCTION IF EXISTS ws_test_refuse()"))
+
+
+def test_database_outage_mid_run_loses_nothing_and_dead_letters_nothing(
+    db, producer, start_worker, proxy, database_url
+):
+    through_proxy = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
+    worker = start_worker(
+        extra_env={
+            "DATABASE_URL": through_proxy.render_as_string(hide_password=False),
+            "WRITING_SESSIONS_MAX_RETRIES": "30",
+            "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
+        }
+    )
+    payloads = [new_session() for _ in range(300)]
+
+    for payload in payloads[:100]:
+        send_save(producer, payload)
+    wait_for(lambda: count_rows(db) >= 50, 60, "the first rows")
+    proxy.cut()
+    for payload in payloads[100:]:
+        send_save(producer, payload)
+    # The outage lasts until the worker has retried several times without a database.
+    wait_for(lambda: worker.log().count("transient fault, retry") >= 5, 60, "retries")
+    proxy.restore()
+
+    wait_for(lambda: count_rows(db) == 300, 120, "all 300 rows after the outage")
+    assert count_rows(db, "dead_letter") == 0
+    assert worker.alive()
+
+
+def test_exhausted_retries_end_in_dead_letter_and_replay_persists_them(
+    db, env, producer, start_worker, refusing_writes, tmp_path
+):
+    start_worker(
+        extra_env={
+            "WRITING_SESSIONS_MAX_RETRIES": "2",
+            "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
+        }
+    )
+    payloads = [new_session() for _ in range(5)]
+
+    results = [send_save(producer, payload) for payload in payloads]
+    for result in results:
+        result.get(timeout=60, propagate=False)
+
+    assert all(result.state == "FAILURE" for result in results)
+    with db.connect() as connection:
+        letters = connection.execute(
+            sa.text("SELECT error_type, error, attempts FROM dead_letter")
+        ).all()
+    assert len(letters) == 5
+    assert {(letter.error_type, letter.attempts) for letter in letters} == {("TransientError", 3)}
+    assert all("could not serialize access" in letter.error for letter in letters)
+    assert count_rows(db) == 0
+
+    allow_writes(db)
+    replay = run_cli("dead-letters", "replay", "--all", env=env, cwd=tmp_path)
+
+    assert replay.returncode == 0, replay.stderr
+    assert "5 replayed" in replay.stdout
+    wait_for(lambda: count_rows(db) == 5, 60, "the replayed rows")
+    assert count_rows(db, "dead_letter") == 5
