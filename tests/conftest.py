@@ -199,7 +199,9 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., WorkerProcess]]:
     """Start real workers (prefork by default) and stop them all after the test."""
     workers: list[WorkerProcess] = []
 
@@ -210,6 +212,8 @@ def start_worker(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., 
         wait_ready: bool = True,
         extra_env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        base_env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> WorkerProcess:
         node = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:6]}@%h"
         log_path = tmp_path / f"worker-{len(workers) + 1}.log"
@@ -232,8 +236,9 @@ def start_worker(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., 
                     "--without-gossip",
                     *args,
                 ],
-                env={**env, **(extra_env or {})},
-                cwd=tmp_path,
+                # base_env (the embedded mode's) needs no PostgreSQL or Redis fixture at all.
+                env={**(base_env or request.getfixturevalue("env")), **(extra_env or {})},
+                cwd=cwd or tmp_path,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -2,7 +2,7 @@
 
 from celery import Celery
 
-from worker.settings import VAR_DIR, settings
+from worker.settings import VAR_DIR
 
 app = Celery("writing_sessions")
 app.config_from_object("celeryconfig")
@@ -11,6 +11,8 @@ app.config_from_object("celeryconfig")
 app.conf.imports = ("worker.db", "worker.migrate")
 app.conf.include = ("tasks.writing_sessions",)
 
-if settings.embedded:
-    # The embedded default keeps its database, broker and results under ./var/.
+if any(
+    f"sqlite:///{VAR_DIR}/" in (url or "") for url in (app.conf.broker_url, app.conf.result_backend)
+):
+    # The embedded broker and result store live under ./var/, created on first use.
     VAR_DIR.mkdir(exist_ok=True)

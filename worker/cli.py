@@ -102,9 +102,11 @@ def send(
     wait: bool,
     timeout: float,
 ) -> None:
-    """Enqueue one writing session (writing_sessions.save) and print its task id."""
-    from worker.app import app
-    from worker.schemas import parse_writing_session
+    """Enqueue one writing session (writing_sessions.save) and print its task id.
+
+    With --wait it waits for the outcome and resends on timeout (writes are idempotent).
+    """
+    from worker.producer import send_writing_session_object
 
     payload: dict[str, Any] = json.load(json_file) if json_file else {}
     if not isinstance(payload, dict):
@@ -124,12 +126,10 @@ def send(
     }
     payload.update({key: value for key, value in flags.items() if value is not None})
     payload.setdefault("id", str(uuid.uuid4()))
-    payload.setdefault("started_at", datetime.now(UTC).isoformat())
-    parse_writing_session(payload)  # fail here, not in a dead letter
-    result = app.send_task("writing_sessions.save", args=[payload])
+    result = send_writing_session_object(payload, confirm=wait, timeout=timeout)
     click.echo(f"sent {payload['id']} as task {result.id}")
     if wait:
-        _print_outcome(result, timeout)
+        click.echo(json.dumps(result.result))
 
 
 def _print_outcome(result: Any, timeout: float) -> None:

@@ -18,10 +18,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-MAX_TOPIC_LENGTH = 200
-MAX_CONTENT_LENGTH = 1_000_000
-MAX_AUTHOR_ID_LENGTH = 64
-MAX_REVISION = 2_147_483_647
+from worker.schemas import (
+    MAX_AUTHOR_ID_LENGTH,
+    MAX_CONTENT_LENGTH,
+    MAX_REVISION,
+    MAX_TOPIC_LENGTH,
+)
 
 # Predictable constraint names, so migrations can refer to them and errors can be mapped back
 # to the field they protect (see alembic's naming documentation).

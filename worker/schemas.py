@@ -21,12 +21,12 @@ from pydantic import (
 )
 
 from worker.errors import InvalidPayloadError
-from worker.models import (
-    MAX_AUTHOR_ID_LENGTH,
-    MAX_CONTENT_LENGTH,
-    MAX_REVISION,
-    MAX_TOPIC_LENGTH,
-)
+
+MAX_TOPIC_LENGTH = 200
+MAX_CONTENT_LENGTH = 1_000_000
+MAX_AUTHOR_ID_LENGTH = 64
+MAX_REVISION = 2_147_483_647
+MAX_BATCH = 1000
 
 # PostgreSQL text cannot hold U+0000, and UTF-8 cannot encode lone surrogates.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -153,9 +153,6 @@ def parse_writing_session(payload: Any, prefix: str = "") -> WritingSessionIn:
         return WritingSessionIn.model_validate(payload)
     except ValidationError as exc:
         raise InvalidPayloadError(describe(exc, prefix)) from exc
-
-
-MAX_BATCH = 1000
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from urllib.parse import urlsplit, urlunsplit
 
 from worker.errors import ConfigurationError
 
@@ -60,17 +58,16 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 def normalize_database_url(raw: str) -> str:
     """Select psycopg2 for plain postgresql:// URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
-    try:
-        url = make_url(raw)
-    except ArgumentError:
-        raise ConfigurationError("DATABASE_URL is not a valid SQLAlchemy URL") from None
-    if url.drivername in ("postgres", "postgresql"):
-        url = url.set(drivername="postgresql+psycopg2")
-    if url.get_backend_name() not in ("postgresql", "sqlite"):
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        raise ConfigurationError("DATABASE_URL must look like postgresql://user@host/database")
+    if scheme in ("postgres", "postgresql"):
+        scheme = "postgresql+psycopg2"
+    if scheme.split("+")[0] not in ("postgresql", "sqlite"):
         raise ConfigurationError(
-            f"DATABASE_URL must be a postgresql:// or sqlite:// URL, got {url.drivername}://"
+            f"DATABASE_URL must be a postgresql:// or sqlite:// URL, got {scheme}://"
         )
-    return url.render_as_string(hide_password=False)
+    return f"{scheme}://{rest}"
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -106,15 +103,15 @@ def mask_url(url: str | None) -> str:
     """Return the URL with any password replaced by ***, safe for logs and banners."""
     if not url:
         return ""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        # Not an SQLAlchemy URL (e.g. amqp://): mask the userinfo password by hand.
-        scheme, sep, rest = url.partition("://")
-        userinfo, at, host = rest.rpartition("@")
-        if not sep or not at or ":" not in userinfo:
-            return url
-        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 settings = load_settings()
