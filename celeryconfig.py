@@ -40,6 +40,9 @@ _redis_transport_options = {
 # The embedded broker (kombu's SQLAlchemy transport) passes its options to create_engine:
 # let SQLite writers wait for each other instead of failing with "database is locked".
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
+# kombu's Redis transport, with a fix that keeps a worker alive when Redis restarts while messages
+# are unacknowledged (see worker/broker.py). rediss:// keeps kombu's own (TLS set-up by scheme).
+broker_transport = "worker.broker:Transport" if settings.broker_url.startswith("redis://") else None
 broker_transport_options = (
     _sqlite_transport_options
     if settings.broker_url.startswith("sqla+")

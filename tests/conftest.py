@@ -3,6 +3,7 @@ real Celery workers started as subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -186,14 +187,17 @@ class WorkerProcess:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 30) -> int:
-        """Warm shutdown (SIGTERM), then SIGKILL if it does not end in time."""
+        """Warm shutdown (SIGTERM), then SIGKILL of the whole group if it does not end in time."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()
                 self.process.wait(10)
+        # Pool children of a main process killed by a test must not outlive it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.stopped = True
         return self.process.returncode
 

@@ -1,0 +1,126 @@
+"""Fault-test helpers: a private Redis with persistence, RabbitMQ vhosts, kills, a report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import wait_for
+
+REPORT = Path(__file__).parent.parent / "test-artifacts" / "faults.jsonl"
+
+
+def report(fault: str, **figures: Any) -> None:
+    """Append what a fault test saw to test-artifacts/faults.jsonl (for the Guarantees section)."""
+    REPORT.parent.mkdir(exist_ok=True)
+    with REPORT.open("a") as out:
+        out.write(json.dumps({"fault": fault, **figures}) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, with append-only persistence, that can be restarted."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, 20, "the private Redis to answer")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def restart(self) -> None:
+        """A clean restart: SHUTDOWN writes the append-only file, then the same server returns."""
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # redis-server shuts down cleanly on TERM
+            self.process.wait(30)
+
+
+class RabbitVhost:
+    """A RabbitMQ virtual host of the test's own (guest has all rights on it)."""
+
+    def __init__(self) -> None:
+        self.name = f"ws-test-{uuid.uuid4().hex[:10]}"
+        ctl("add_vhost", self.name)
+        ctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+        self.url = f"amqp://guest:guest@127.0.0.1:5672/{self.name}"
+
+    def delete(self) -> None:
+        ctl("delete_vhost", self.name)
+
+
+def ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def kill9(pid: int) -> None:
+    """SIGKILL one process, no questions asked."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def wait_gone(pids: set[int], timeout: float = 30) -> None:
+    """Wait until none of `pids` runs any more; SIGKILL the ones that linger."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = {pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)}
+        if not alive:
+            return
+        time.sleep(0.05)
+    for pid in pids:
+        kill9(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True

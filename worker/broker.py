@@ -1,0 +1,82 @@
+"""kombu's Redis transport with two fixes for a Redis that restarts under load.
+
+1. A message popped while Redis goes away is not lost. kombu takes a message off the queue
+(BRPOP) and then records it as unacknowledged (QoS.append, a second round trip,
+kombu/transport/redis.py). If Redis restarts between the two, the second step fails and the
+message exists nowhere. Here the second step is retried for up to UNACKED_RETRY_SECONDS, long
+enough for a restart, so the message is recorded (and later acknowledged or restored). A kill -9
+of the worker between the two steps can still lose it: see the README's Guarantees.
+
+2. A lost connection must not kill the worker.
+
+kombu 5.7 (kombu/transport/redis.py, `Channel._connparams`) reads
+`self.connection.client.hostname`. When Redis goes away while messages are unacknowledged,
+Celery's consumer (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`)
+collects the broken connection, which sets the transport's `client` to None
+(kombu/connection.py, `Connection._do_close_transport`), and then closes it; closing the channel
+restores the unacknowledged messages (kombu/transport/virtual/base.py, `Channel.close` ->
+`QoS.restore_unacked_once`), which needs a new Redis client, whose parameters come from
+`client.hostname` -> AttributeError. That is not a connection error, so nothing catches it and
+the worker exits with "Unrecoverable error: AttributeError("'NoneType' object has no attribute
+'hostname'")" (about one Redis restart in eight).
+https://github.com/celery/kombu/blob/v5.7.0/kombu/transport/redis.py (Channel._connparams)
+
+Here a closed transport raises redis' ConnectionError instead, which every caller on those paths
+already handles as "the broker is away". The unacknowledged messages stay in Redis' unacked set
+and come back through the visibility-timeout sweep, as after any other connection loss.
+Remove this module once kombu checks for a closed transport itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
+
+UNACKED_RETRY_SECONDS = 30.0
+
+
+class QoS(kombu_redis.QoS):
+    """Records a received message as unacknowledged, retrying while Redis is restarting."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        deadline = time.monotonic() + UNACKED_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                super().append(message, delivery_tag)
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "broker unavailable while recording message %s as unacknowledged; "
+                    "retrying in %.2fs",
+                    delivery_tag,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+class Channel(kombu_redis.Channel):
+    """Redis channel with the QoS above, reporting a closed transport as a connection error."""
+
+    QoS = QoS
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise RedisConnectionError("the broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above."""
+
+    Channel = Channel
