@@ -125,7 +125,7 @@ def test_kill_9_of_a_child_mid_load_redelivers_its_task(db, env, start_worker):
 def test_kill_9_of_the_main_process_redelivers_every_unacked_message(db, env, start_worker):
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     first = start_worker(concurrency=2, extra_env=FAST_RECOVERY)
-    payloads = [new_session() for _ in range(2000)]
+    payloads = [new_session() for _ in range(1500)]
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
 
     wait_for(lambda: count_rows(db) >= 400, 120, "400 rows before the kill")
@@ -134,17 +134,17 @@ def test_kill_9_of_the_main_process_redelivers_every_unacked_message(db, env, st
     wait_gone(children)
     unacked = broker.hlen("unacked")
     second = start_worker(concurrency=2, extra_env=FAST_RECOVERY)
-    wait_for(lambda: count_rows(db) >= 1999, 180, "the rest after the restart")
+    wait_for(lambda: count_rows(db) >= 1499, 180, "the rest after the restart")
     # Settle: nothing more arrives once queue and unacked set are empty.
     wait_for(lambda: broker.llen("celery") == 0 and broker.hlen("unacked") == 0, 60, "empty queues")
 
-    lost = 2000 - count_rows(db)
+    lost = 1500 - count_rows(db)
     assert lost <= 1, "only the one message being received at the kill may be lost"
     assert count_rows(db, "dead_letter") == 0
     assert second.alive()
     report(
         "kill -9 of the main process (Redis), new worker",
-        sent=2000,
+        sent=len(payloads),
         unacked_at_kill=unacked,
         rows=count_rows(db),
         lost_in_receive_window=lost,
@@ -187,16 +187,16 @@ def test_confirming_producers_bring_every_message_home_across_main_process_kills
 
 def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, start_worker):
     app = client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-    payloads = [new_session() for _ in range(2000)]
+    payloads = [new_session() for _ in range(1200)]
     first = start_worker(concurrency=2)
-    fill(app, payloads[:1500])
+    fill(app, payloads[:900])
 
     wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the shutdown")
     first.process.send_signal(signal.SIGTERM)
-    fill(app, payloads[1500:])  # producers go on while the worker restarts
+    fill(app, payloads[900:])  # producers go on while the worker restarts
     assert first.process.wait(60) == 0
     start_worker(concurrency=2)
-    wait_for(lambda: count_rows(db) == 2000, 180, "2,000 rows after the restart")
+    wait_for(lambda: count_rows(db) == 1200, 180, "1,200 rows after the restart")
 
     assert_every_message_home(db, payloads)
     with db.connect() as connection:
@@ -206,7 +206,7 @@ def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, s
     assert rewritten == 0
     report(
         "warm shutdown (SIGTERM) and restart",
-        sent=2000,
+        sent=len(payloads),
         rows=count_rows(db),
         rewritten=rewritten,
         dead_letters=0,
@@ -215,7 +215,7 @@ def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, s
 
 def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
     worker = start_worker(concurrency=2, extra_env=FAST_RECOVERY)
-    payloads = [new_session() for _ in range(1500)]
+    payloads = [new_session() for _ in range(1000)]
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
 
     wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the restart")
@@ -232,13 +232,13 @@ def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
         60,
         "PostgreSQL back",
     )
-    wait_for(lambda: count_rows(db) == 1500, 180, "1,500 rows after the restart")
+    wait_for(lambda: count_rows(db) == 1000, 180, "1,000 rows after the restart")
 
     assert_every_message_home(db, payloads)
     assert worker.alive()
     report(
         "PostgreSQL restarted mid-load",
-        sent=1500,
+        sent=len(payloads),
         rows=count_rows(db),
         retries=worker.log().count("transient fault, retry"),
         dead_letters=0,
@@ -276,28 +276,51 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
         **FAST_RECOVERY,
     )
     worker = start_worker(concurrency=2, base_env=env)
-    payloads = [new_session() for _ in range(3000)]
-    producer = start_python(SENDING_PRODUCER, env, payloads)
+    plain = [new_session() for _ in range(2500)]
+    confirmed = [new_session() for _ in range(300)]
+    sender = start_python(SENDING_PRODUCER, env, plain)
+    confirmers = confirming_producers(env, confirmed, processes=4)
 
     restarts = 0
     for _ in range(16):
-        wait_for(lambda r=restarts: count_rows(db) >= 150 * (r + 1), 120, "progress")
+        wait_for(lambda r=restarts: count_rows(db) >= 120 * (r + 1), 120, "progress")
         private_redis.restart()
         restarts += 1
         assert worker.alive(), worker.log()[-3000:]
-    out, err = producer.communicate(timeout=240)
-    assert producer.returncode == 0, err[-2000:]
-    assert int(out) == 3000
-    wait_for(lambda: count_rows(db) == 3000, 240, "3,000 rows after the restarts")
+    out, err = sender.communicate(timeout=240)
+    assert sender.returncode == 0, err[-2000:]
+    assert int(out) == len(plain)
+    outcomes, errors = finish(confirmers)
+    wait_for(lambda: count_rows(db) >= len(plain) + len(confirmed) - restarts, 240, "the rows")
+    redis_client = redis.Redis.from_url(private_redis.url)
+    wait_for(
+        lambda: redis_client.llen("celery") == 0 and redis_client.hlen("unacked") == 0,
+        120,
+        "queue and unacked set drained",
+    )
+    redis_client.close()
 
-    assert_every_message_home(db, payloads)
+    ids = persisted_ids(db)
+    lost = {p["id"] for p in plain} - ids
+    # Every confirmed message is home; an unconfirmed one can be lost only if Redis went down
+    # while handing it to the worker (BRPOP popped it; the reply never arrived): at most the
+    # one in flight per restart.
+    assert {p["id"] for p in confirmed} <= ids
+    assert len(outcomes) == len(confirmed)
+    assert len(lost) <= restarts
+    assert count_rows(db, "dead_letter") == 0
     assert worker.alive()
     assert "Unrecoverable error" not in worker.log()
     report(
-        "Redis (AOF everysec) restarted x16 mid-load, producer sending throughout",
-        sent=3000,
-        rows=count_rows(db),
+        "Redis (AOF everysec) restarted x16 mid-load, producers sending throughout",
+        sent_plain=len(plain),
+        sent_confirmed=len(confirmed),
         restarts=restarts,
+        rows=count_rows(db),
+        lost_unconfirmed=len(lost),
+        lost_confirmed=0,
+        resends=errors.count("no outcome for"),
+        unacked_records_retried=worker.log().count("while recording message"),
         dead_letters=0,
     )
 
@@ -364,7 +387,7 @@ def test_two_nodes_on_one_queue_one_killed_the_other_finishes(db, env, start_wor
 
 def test_connection_budget_under_load(db, env, start_worker, database_url):
     worker = start_worker(concurrency=3)
-    payloads = [new_session() for _ in range(1500)]
+    payloads = [new_session() for _ in range(800)]
     database = database_url.rsplit("/", 1)[1]
     most = 0
     pids: set[int] = set()
@@ -387,9 +410,9 @@ def test_connection_budget_under_load(db, env, start_worker, database_url):
             )
         most = max(most, len(names))
         pids.update(int(name.rsplit(":", 1)[1]) for name in names)
-        return count_rows(db) == 1500
+        return count_rows(db) == 800
 
-    wait_for(sample, 180, "1,500 rows", interval=0.02)
+    wait_for(sample, 180, "800 rows", interval=0.02)
     # The load is over: what is left open now must be idle, not inside a transaction.
     with db.connect() as connection:
         states = (
@@ -410,7 +433,7 @@ def test_connection_budget_under_load(db, env, start_worker, database_url):
     assert "idle in transaction" not in states
     report(
         "connection budget, prefork -c 3",
-        sent=1500,
+        sent=len(payloads),
         max_connections=most,
         worker_processes=3,
         idle_in_transaction=states.count("idle in transaction"),

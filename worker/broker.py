@@ -1,25 +1,24 @@
 """kombu's Redis transport with two fixes for a Redis that restarts under load.
 
-1. A message popped while Redis goes away is not lost. kombu takes a message off the queue
-(BRPOP) and then records it as unacknowledged (QoS.append, a second round trip,
+1. A message received while Redis goes away is still recorded. kombu takes a message off the
+queue (BRPOP) and then records it as unacknowledged (QoS.append, a second round trip,
 kombu/transport/redis.py). If Redis restarts between the two, the second step fails and the
 message exists nowhere. Here the second step is retried for up to UNACKED_RETRY_SECONDS, long
-enough for a restart, so the message is recorded (and later acknowledged or restored). A kill -9
-of the worker between the two steps can still lose it: see the README's Guarantees.
+enough for a restart, so the message is recorded (and later acknowledged or restored). What no
+client can fix: a BRPOP whose reply Redis never sent before shutting down, or a kill -9 of the
+worker between the two steps; see the README's Guarantees (producers confirm).
 
-2. A lost connection must not kill the worker.
-
-kombu 5.7 (kombu/transport/redis.py, `Channel._connparams`) reads
-`self.connection.client.hostname`. When Redis goes away while messages are unacknowledged,
-Celery's consumer (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`)
-collects the broken connection, which sets the transport's `client` to None
-(kombu/connection.py, `Connection._do_close_transport`), and then closes it; closing the channel
-restores the unacknowledged messages (kombu/transport/virtual/base.py, `Channel.close` ->
-`QoS.restore_unacked_once`), which needs a new Redis client, whose parameters come from
-`client.hostname` -> AttributeError. That is not a connection error, so nothing catches it and
-the worker exits with "Unrecoverable error: AttributeError("'NoneType' object has no attribute
-'hostname'")" (about one Redis restart in eight).
-https://github.com/celery/kombu/blob/v5.7.0/kombu/transport/redis.py (Channel._connparams)
+2. A lost connection must not kill the worker. When Redis drops while a BRPOP is in flight,
+Celery's consumer (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`,
+since celery PR #10242) calls `connection.collect()`, which fails to close the default channel
+but sets the transport's `client` to None (kombu/connection.py, `_do_close_transport`), and then
+`connection.close()`, which closes that channel again: restoring its unacknowledged messages
+needs a new Redis pool, built in `Channel._connparams` from `self.connection.client.hostname`
+-> AttributeError. That is not a connection error, nothing catches it, and the worker exits with
+"Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")" (about
+one Redis restart in eight under load).
+https://github.com/celery/kombu/blob/v5.7.0/kombu/transport/redis.py (Channel._connparams),
+https://github.com/celery/celery/pull/10242, https://github.com/celery/kombu/issues/582
 
 Here a closed transport raises redis' ConnectionError instead, which every caller on those paths
 already handles as "the broker is away". The unacknowledged messages stay in Redis' unacked set
