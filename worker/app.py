@@ -7,8 +7,9 @@ from worker.settings import VAR_DIR
 app = Celery("writing_sessions")
 app.config_from_object("celeryconfig")
 # worker.db ties the per-process engine to the worker signals; worker.migrate checks the schema
-# before consuming. Workers import them; producers never do.
-app.conf.imports = ("worker.db", "worker.migrate")
+# before consuming; worker.logs writes one line per task outcome. Workers import them;
+# producers never do.
+app.conf.imports = ("worker.db", "worker.migrate", "worker.logs")
 app.conf.include = ("tasks.writing_sessions",)
 
 if any(

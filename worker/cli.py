@@ -65,6 +65,21 @@ def worker(celery_args: tuple[str, ...]) -> None:
     app.worker_main(["worker", *celery_args])
 
 
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(flower_args: tuple[str, ...]) -> None:
+    """Run Flower against the configured broker; arguments go to `celery flower`.
+
+    Basic auth comes from FLOWER_BASIC_AUTH (user:password); Flower refuses its API without it.
+    """
+    from worker.app import app
+
+    app.start(["flower", *flower_args])
+
+
 @main.command()
 @click.option("--topic", help="Topic of the session (required unless --json gives one).")
 @click.option("--content", help="Text written in the session.")
@@ -256,6 +271,99 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
             f"not found or already replayed: {', '.join(map(str, sorted(skipped)))}"
         )
     click.echo(f"{len(replayed)} replayed")
+
+
+@main.command()
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="Writing sessions to send.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(0, 1_000_000),
+    default=200,
+    show_default=True,
+    help="Characters of content per session.",
+)
+@click.option("--task", type=click.Choice(["save", "save_many"]), default="save", show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="Sessions per save_many message.",
+)
+@click.option(
+    "--producers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Producer processes.",
+)
+@click.option("--start-worker", is_flag=True, help="Start (and stop) a worker of its own.")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Concurrency of the started worker.",
+)
+@click.option(
+    "-P",
+    "--pool",
+    type=click.Choice(["prefork", "threads", "solo"]),
+    default="prefork",
+    show_default=True,
+    help="Pool of the started worker.",
+)
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for every row."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@clean_errors
+def bench(as_json: bool, **options: Any) -> None:
+    """Send sessions, wait until every row is committed, print throughput and latency.
+
+    Measures a running worker, or one of its own with --start-worker. Removes its rows after.
+    """
+    from worker import bench as meter
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if as_json:
+            return
+        if stage not in bars:
+            bars[stage] = click.progressbar(length=total, label=f"{stage:>9}", file=sys.stderr)
+            bars[stage].__enter__()
+        bar = bars[stage]
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    report = meter.run(meter.BenchOptions(**options), progress)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    worker = f"{report.pool} -c {report.concurrency}" if report.pool else "running worker"
+    click.echo(
+        f"{report.sessions} sessions via {report.task} ({report.messages} messages, "
+        f"{report.payload_bytes} chars each, {report.producers} producer(s), {worker})\n"
+        f"  sent:           {report.sent_per_second:>10.1f} messages/s "
+        f"({report.send_seconds:.2f} s)\n"
+        f"  persisted:      {report.rows_per_second:>10.1f} rows/s end to end "
+        f"({report.end_to_end_seconds:.2f} s)\n"
+        f"  latency:        p50 {report.latency_ms['p50']} ms, p95 {report.latency_ms['p95']} ms, "
+        f"p99 {report.latency_ms['p99']} ms (send to commit)\n"
+        f"  db connections: {report.max_db_connections} (most held by workers)\n"
+        f"  peak RSS:       "
+        + (", ".join(f"{k} {v} MB" for k, v in report.peak_worker_rss_mb.items()) or "n/a")
+    )
 
 
 @main.command("list")

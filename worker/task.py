@@ -29,6 +29,8 @@ class WritingSessionsTask(Task):
     # Celery would reject a wrong argument shape before our code runs, with no dead letter;
     # __call__ checks the shape itself and names the argument instead.
     typing = False
+    # Bad input is an expected failure: logged as one line, without a traceback.
+    throws = (PermanentError,)
     max_retries = settings.max_retries
     retry_backoff_max = settings.retry_backoff_max
 

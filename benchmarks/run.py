@@ -1,0 +1,168 @@
+"""Run the project's bench and the database's own limit on one machine, and print ratios.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1/ws_bench \\
+    CELERY_BROKER_URL=redis://127.0.0.1:6379/10 CELERY_RESULT_BACKEND=redis://127.0.0.1:6379/10 \\
+    .venv/bin/python benchmarks/run.py --runs 3
+
+Sides, each at the same concurrency (2 processes by default) and with the same rows:
+- `save`: writing-sessions bench, prefork worker, one message per row, results stored;
+- `save_many`: writing-sessions bench, batches of 1,000;
+- `psycopg2 loop`: one upsert and one commit per row, N processes;
+- `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
+Medians of --runs runs are printed; the figures are a benchmark, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+from psycopg2.extras import execute_values
+
+CLI = str(Path(sys.executable).parent / "writing-sessions")
+UPSERT = """
+INSERT INTO writing_session (id, topic, content, author_id, word_count, char_count, started_at,
+    ended_at, revision, deleted_at, created_at, updated_at)
+VALUES {values}
+ON CONFLICT (id) DO UPDATE SET topic = excluded.topic, content = excluded.content,
+    author_id = excluded.author_id, word_count = excluded.word_count,
+    char_count = excluded.char_count, started_at = excluded.started_at,
+    ended_at = excluded.ended_at, revision = excluded.revision, deleted_at = excluded.deleted_at,
+    updated_at = excluded.updated_at
+WHERE writing_session.revision < excluded.revision
+RETURNING id, revision, (xmax = 0)
+"""
+ONE_ROW = "(%s, %s, %s, %s, %s, %s, now(), NULL, 0, NULL, now(), now())"
+CONTENT = ("writing sessions persist words 今日は 晴れ " * 10)[:200]
+
+
+def dsn() -> str:
+    url = os.environ["DATABASE_URL"]
+    return url.replace("postgresql+psycopg2://", "postgresql://")
+
+
+def _loop(args: tuple[str, int]) -> None:
+    tag, rows = args
+    connection = psycopg2.connect(dsn())
+    with connection.cursor() as cursor:
+        for _ in range(rows):
+            cursor.execute(
+                UPSERT.format(values=ONE_ROW), (str(uuid.uuid4()), "bench", CONTENT, tag, 7, 40)
+            )
+            cursor.fetchall()
+            connection.commit()
+    connection.close()
+
+
+def _batched(args: tuple[str, int]) -> None:
+    tag, rows = args
+    connection = psycopg2.connect(dsn())
+    template = "(%s, %s, %s, %s, %s, %s, now(), NULL, 0, NULL, now(), now())"
+    with connection.cursor() as cursor:
+        for start in range(0, rows, 1000):
+            batch = [
+                (str(uuid.uuid4()), "bench", CONTENT, tag, 7, 40)
+                for _ in range(start, min(start + 1000, rows))
+            ]
+            execute_values(
+                cursor,
+                UPSERT.format(values="%s"),
+                batch,
+                template=template,
+                page_size=1000,
+                fetch=True,
+            )
+            connection.commit()
+    connection.close()
+
+
+def direct(kind: str, rows: int, processes: int) -> float:
+    """rows/s of a plain psycopg2 side, then delete its rows."""
+    tag = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+    share = rows // processes
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_loop if kind == "loop" else _batched, [(tag, share)] * processes)
+    elapsed = time.perf_counter() - started
+    connection = psycopg2.connect(dsn())
+    with connection, connection.cursor() as cursor:
+        cursor.execute("DELETE FROM writing_session WHERE author_id = %s", (tag,))
+    connection.close()
+    return share * processes / elapsed
+
+
+def bench(*args: str) -> dict:
+    result = subprocess.run(
+        [CLI, "bench", "--json", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=10_000, help="rows per `save` run")
+    parser.add_argument("--batch-rows", type=int, default=100_000, help="rows per batched run")
+    parser.add_argument("-c", "--concurrency", type=int, default=2)
+    parser.add_argument("--pool", default="prefork")
+    options = parser.parse_args()
+    c = str(options.concurrency)
+    figures: dict[str, list[float]] = {}
+    for run in range(options.runs):
+        save = bench("--start-worker", "-c", c, "-P", options.pool, "--count", str(options.rows))
+        many = bench(
+            "--start-worker",
+            "-c",
+            c,
+            "-P",
+            options.pool,
+            "--task",
+            "save_many",
+            "--batch-size",
+            "1000",
+            "--count",
+            str(options.batch_rows),
+        )
+        results = {
+            "save rows/s": save["rows_per_second"],
+            "save p50 ms": save["latency_ms"]["p50"],
+            "save_many(1000) rows/s": many["rows_per_second"],
+            "psycopg2 loop rows/s": direct("loop", options.rows, options.concurrency),
+            "psycopg2 batched rows/s": direct("batched", options.batch_rows, options.concurrency),
+            "worker peak RSS MB (largest child)": max(
+                (v for k, v in save["peak_worker_rss_mb"].items() if k != "main"), default=0
+            ),
+            "db connections (most)": save["max_db_connections"],
+        }
+        print(
+            f"run {run + 1}: " + json.dumps({k: round(v, 1) for k, v in results.items()}),
+            flush=True,
+        )
+        for key, value in results.items():
+            figures.setdefault(key, []).append(value)
+    medians = {key: statistics.median(values) for key, values in figures.items()}
+    print(f"\nmedians of {options.runs} runs (concurrency {c}, pool {options.pool}):")
+    for key, value in medians.items():
+        print(f"  {key:<36} {value:>10.1f}")
+    print("ratios:")
+    print(
+        f"  save / psycopg2 loop                  "
+        f"{medians['save rows/s'] / medians['psycopg2 loop rows/s']:>10.3f}"
+    )
+    print(
+        f"  save_many / psycopg2 batched          "
+        f"{medians['save_many(1000) rows/s'] / medians['psycopg2 batched rows/s']:>10.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

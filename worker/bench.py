@@ -1,0 +1,293 @@
+"""`writing-sessions bench`: a load generator and meter for a worker, measured end to end.
+
+Rows of a run are tagged with author_id `bench-<run id>`, so counting, latency and clean-up
+touch only the run's own rows.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, text
+
+from worker.db import task_db
+from worker.models import WritingSession
+
+
+@dataclass
+class BenchOptions:
+    """What to send and how."""
+
+    count: int = 10_000
+    size: int = 200
+    task: str = "save"
+    batch_size: int = 100
+    producers: int = 1
+    start_worker: bool = False
+    concurrency: int = 2
+    pool: str = "prefork"
+    timeout: float = 600.0
+    keep: bool = False
+
+
+@dataclass
+class BenchReport:
+    """The figures of one run."""
+
+    task: str
+    sessions: int
+    messages: int
+    payload_bytes: int
+    producers: int
+    pool: str | None
+    concurrency: int | None
+    send_seconds: float
+    sent_per_second: float
+    end_to_end_seconds: float
+    rows_per_second: float
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    max_db_connections: int = 0
+    peak_worker_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _content(size: int) -> str:
+    words = "writing sessions persist words 今日は 晴れ "
+    return (words * (size // len(words) + 1))[:size]
+
+
+def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[str, float]]:
+    """Producer process: send sessions [start, stop) and return (id, send time) pairs."""
+    tag, task, start, stop, size, batch_size, _ = args
+    from worker.app import app
+
+    content = _content(size)
+    sent: list[tuple[str, float]] = []
+    with app.producer_or_acquire() as producer:
+        if task == "save":
+            for _index in range(start, stop):
+                session = {
+                    "id": str(uuid.uuid4()),
+                    "topic": "bench",
+                    "content": content,
+                    "author_id": tag,
+                }
+                sent.append((session["id"], time.time()))
+                app.send_task(
+                    "writing_sessions.save", args=[session], producer=producer, argsrepr="[bench]"
+                )
+        else:
+            for first in range(start, stop, batch_size):
+                batch = [
+                    {
+                        "id": str(uuid.uuid4()),
+                        "topic": "bench",
+                        "content": content,
+                        "author_id": tag,
+                    }
+                    for _ in range(first, min(first + batch_size, stop))
+                ]
+                now = time.time()
+                sent.extend((item["id"], now) for item in batch)
+                app.send_task(
+                    "writing_sessions.save_many",
+                    args=[batch],
+                    producer=producer,
+                    argsrepr=f"[bench x{len(batch)}]",
+                )
+    return sent
+
+
+def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> BenchReport:
+    """Send, wait for every row, measure, clean up."""
+    tag = f"bench-{uuid.uuid4().hex[:12]}"
+    worker = _start_worker(options) if options.start_worker else None
+    try:
+        shares = _split(options.count, options.producers)
+        jobs = [
+            (tag, options.task, start, stop, options.size, options.batch_size, i)
+            for i, (start, stop) in enumerate(shares)
+        ]
+        sampler = _ConnectionSampler()
+        first_send = time.time()
+        if options.producers == 1:
+            sent = _send_share(jobs[0])
+        else:
+            with multiprocessing.get_context("spawn").Pool(options.producers) as pool:
+                sent = [pair for part in pool.map(_send_share, jobs) for pair in part]
+        send_seconds = time.time() - first_send
+        progress("sent", len(sent), options.count)
+        deadline = time.monotonic() + options.timeout
+        landed = 0
+        while landed < options.count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {landed} of {options.count} rows after {options.timeout:g} s"
+                )
+            sampler.sample()
+            landed = _count(tag)
+            progress("persisted", landed, options.count)
+            time.sleep(0.2)
+        sampler.sample()
+        created = _created_at(tag)
+        sent_at = dict(sent)
+        last_commit = max(created.values())
+        latencies = sorted((created[i] - sent_at[i]) * 1000 for i in created)
+        end_to_end = last_commit - first_send
+        messages = (
+            options.count if options.task == "save" else -(-options.count // options.batch_size)
+        )
+        return BenchReport(
+            task=options.task,
+            sessions=options.count,
+            messages=messages,
+            payload_bytes=options.size,
+            producers=options.producers,
+            pool=options.pool if worker else None,
+            concurrency=options.concurrency if worker else None,
+            send_seconds=round(send_seconds, 3),
+            sent_per_second=round(messages / send_seconds, 1),
+            end_to_end_seconds=round(end_to_end, 3),
+            rows_per_second=round(options.count / end_to_end, 1),
+            latency_ms={
+                "p50": round(statistics.quantiles(latencies, n=100)[49], 1),
+                "p95": round(statistics.quantiles(latencies, n=100)[94], 1),
+                "p99": round(statistics.quantiles(latencies, n=100)[98], 1),
+            },
+            max_db_connections=sampler.most,
+            peak_worker_rss_mb=_peak_rss(worker) if worker else {},
+        )
+    finally:
+        if worker:
+            _stop_worker(worker)
+        if not options.keep:
+            with task_db() as db:
+                db.execute(delete(WritingSession).where(WritingSession.author_id == tag))
+
+
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-count // parts)
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _count(tag: str) -> int:
+    with task_db() as db:
+        return int(db.scalar(select(func.count()).where(WritingSession.author_id == tag)) or 0)
+
+
+def _created_at(tag: str) -> dict[str, float]:
+    with task_db() as db:
+        rows = db.execute(
+            select(WritingSession.id, WritingSession.created_at).where(
+                WritingSession.author_id == tag
+            )
+        )
+        return {
+            str(row.id): (
+                row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+            ).timestamp()
+            for row in rows
+        }
+
+
+class _ConnectionSampler:
+    """Largest number of worker connections seen in pg_stat_activity."""
+
+    def __init__(self) -> None:
+        self.most = 0
+
+    def sample(self) -> None:
+        with task_db() as db:
+            if db.get_bind().dialect.name != "postgresql":
+                return
+            held = db.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'writing-sessions:%' AND pid <> pg_backend_pid() "
+                    "AND application_name <> 'writing-sessions:schema-check'"
+                )
+            )
+        self.most = max(self.most, int(held or 0))
+
+
+def _start_worker(options: BenchOptions) -> subprocess.Popen[bytes]:
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"writing-sessions-bench-{os.getpid()}.log"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "-P",
+            options.pool,
+            "-c",
+            str(options.concurrency),
+            "-n",
+            f"bench-{os.getpid()}@%h",
+            "-l",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    from worker.app import app
+
+    deadline = time.monotonic() + 60
+    while not app.control.ping(
+        destination=[f"bench-{os.getpid()}@{os.uname().nodename}"], timeout=0.5
+    ):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the bench worker did not start; see {log}")
+    return process
+
+
+def _stop_worker(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _peak_rss(process: subprocess.Popen[bytes]) -> dict[str, float]:
+    """VmHWM (peak resident set) of the worker's main process and of each child, in MB."""
+    peaks: dict[str, float] = {}
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    pids = (
+        [process.pid] + [int(p) for p in children.read_text().split()] if children.exists() else []
+    )
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                name = "main" if pid == process.pid else f"child-{pid}"
+                peaks[name] = round(int(line.split()[1]) / 1024, 1)
+    return peaks
+
+
+def stamp() -> str:
+    """When a run happened, for reports."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
