@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from celery import Task
@@ -49,11 +50,16 @@ class WritingSessionsTask(Task):
             self._retry_or_dead_letter(exc, args, kwargs)
             raise  # not reached: the line above always raises
 
+    @cached_property
+    def _signature(self) -> inspect.Signature:
+        # A task object lives as long as its process: inspect the signature once.
+        return inspect.signature(self.run)
+
     def _check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            inspect.signature(self.run).bind(*args, **kwargs)
+            self._signature.bind(*args, **kwargs)
         except TypeError as exc:
-            expected = ", ".join(inspect.signature(self.run).parameters)
+            expected = ", ".join(self._signature.parameters)
             raise InvalidPayloadError(f"arguments: {exc} (expected: {expected})") from None
 
     def _retry_or_dead_letter(
