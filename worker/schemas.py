@@ -106,14 +106,21 @@ class WritingSessionIn(BaseModel):
         return self
 
     @property
+    def counts(self) -> tuple[int, int]:
+        """(word_count, char_count): tokens of content separated by Unicode whitespace, as
+        str.split() counts them, and non-whitespace characters (for unspaced scripts)."""
+        words = self.content.split()
+        return len(words), sum(map(len, words))
+
+    @property
     def word_count(self) -> int:
-        """Tokens of content separated by Unicode whitespace, as str.split() counts them."""
-        return len(self.content.split())
+        """Tokens of content separated by Unicode whitespace."""
+        return self.counts[0]
 
     @property
     def char_count(self) -> int:
-        """Non-whitespace characters of content (meaningful for unspaced scripts)."""
-        return sum(map(len, self.content.split()))
+        """Non-whitespace characters of content."""
+        return self.counts[1]
 
 
 class DeleteIn(BaseModel):

@@ -11,9 +11,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Boolean, literal_column, select
+from sqlalchemy import Boolean, Table, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,7 +24,9 @@ from worker.schemas import WritingSessionIn
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
 
-_c = WritingSession.__table__.c
+# The Core table: batches go through Core's executemany, not the ORM's bulk-insert bookkeeping.
+_table = cast(Table, WritingSession.__table__)
+_c = _table.c
 
 # Constraint names (from the naming convention) mapped back to the field they protect.
 _CONSTRAINT_ERRORS = {
@@ -150,13 +152,14 @@ def delete(db: Session, id: uuid.UUID, revision: int, now: datetime | None = Non
 
 
 def _row(item: WritingSessionIn, now: datetime) -> dict[str, Any]:
+    word_count, char_count = item.counts
     return {
         "id": item.id,
         "topic": item.topic,
         "content": item.content,
         "author_id": item.author_id,
-        "word_count": item.word_count,
-        "char_count": item.char_count,
+        "word_count": word_count,
+        "char_count": char_count,
         "started_at": item.started_at or now,
         "ended_at": item.ended_at,
         "revision": item.revision,
@@ -174,7 +177,10 @@ def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) 
     """
     dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(WritingSession).values(list(rows))
+    # One statement with a one-row VALUES template, executed with every row as parameters:
+    # SQLAlchemy's "insertmanyvalues" sends it as multi-row VALUES batches, and the compiled
+    # form is cached whatever the batch size.
+    stmt = insert(_table)
     excluded = stmt.excluded
     changes = {
         name: getattr(excluded, name)
@@ -202,14 +208,14 @@ def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) 
             inserted = literal_column("xmax = 0", Boolean).label("inserted")
             written = {
                 row.id: (CREATED if row.inserted else UPDATED, row.revision)
-                for row in db.execute(stmt.returning(_c.id, _c.revision, inserted))
+                for row in db.execute(stmt.returning(_c.id, _c.revision, inserted), list(rows))
             }
         else:
             # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
             before = _stored_revisions(db, ids)
             written = {
                 row.id: (UPDATED if row.id in before else CREATED, row.revision)
-                for row in db.execute(stmt.returning(_c.id, _c.revision))
+                for row in db.execute(stmt.returning(_c.id, _c.revision), list(rows))
             }
     except IntegrityError as exc:
         raise _invalid_payload(exc) from exc
