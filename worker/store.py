@@ -11,16 +11,18 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Boolean, Table, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from worker.errors import InvalidPayloadError
 from worker.models import DeadLetter, WritingSession
-from worker.schemas import WritingSessionIn
+from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
 
@@ -33,8 +35,10 @@ _CONSTRAINT_ERRORS = {
     "ck_writing_session_ended_not_before_started": (
         "ended_at: must not be before started_at (the stored started_at, when none is sent)"
     ),
-    "ck_writing_session_revision_in_range": "revision: must be between 0 and 2147483647",
-    "ck_writing_session_content_length": "content: must be at most 1000000 characters",
+    "ck_writing_session_revision_in_range": f"revision: must be between 0 and {MAX_REVISION}",
+    "ck_writing_session_content_length": (
+        f"content: must be at most {MAX_CONTENT_LENGTH} characters"
+    ),
 }
 
 
@@ -170,16 +174,49 @@ def _row(item: WritingSessionIn, now: datetime) -> dict[str, Any]:
 
 
 def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) -> list[Outcome]:
-    """One multi-row upsert of distinct ids; returns the outcome of each, in the rows' order.
+    """One multi-row upsert of distinct ids; returns the outcome of each, in the rows' order."""
+    dialect = db.get_bind().dialect.name
+    stmt = _upsert_statement(dialect, keep_started_at)
+    ids = [row["id"] for row in rows]
+    try:
+        if dialect == "postgresql":
+            written = {
+                row.id: (CREATED if row.inserted else UPDATED, row.revision)
+                for row in db.execute(stmt, list(rows))
+            }
+        else:
+            # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
+            before = _stored_revisions(db, ids)
+            written = {
+                row.id: (UPDATED if row.id in before else CREATED, row.revision)
+                for row in db.execute(stmt, list(rows))
+            }
+    except IntegrityError as exc:
+        raise _invalid_payload(exc) from exc
+    unwritten = [id for id in ids if id not in written]
+    stored = _stored_revisions(db, unwritten) if unwritten else {}
+    outcomes = []
+    for row in rows:
+        id = row["id"]
+        if id in written:
+            outcome, revision = written[id]
+        else:
+            revision = stored[id]
+            outcome = DUPLICATE if revision == row["revision"] else STALE
+        outcomes.append(Outcome(id, outcome, revision))
+    return outcomes
 
+
+@cache
+def _upsert_statement(dialect: str, keep_started_at: bool) -> ReturningInsert[Any]:
+    """The upsert of one row, built once per process for each dialect and started_at rule.
+
+    Executed with every row as parameters: SQLAlchemy's "insertmanyvalues" sends it as
+    multi-row VALUES pages, with one cached compiled form whatever the batch size.
     keep_started_at: the rows carry no producer started_at, so an update keeps the stored one
     (the inserted value, the time of the write, only applies to new rows).
     """
-    dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    # One statement with a one-row VALUES template, executed with every row as parameters:
-    # SQLAlchemy's "insertmanyvalues" sends it as multi-row VALUES batches, and the compiled
-    # form is cached whatever the batch size.
     stmt = insert(_table)
     excluded = stmt.excluded
     changes = {
@@ -198,39 +235,15 @@ def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) 
     }
     if not keep_started_at:
         changes["started_at"] = excluded.started_at
-    stmt = stmt.on_conflict_do_update(
+    upsert = stmt.on_conflict_do_update(
         index_elements=[_c.id], set_=changes, where=_c.revision < excluded.revision
     )
-    ids = [row["id"] for row in rows]
-    try:
-        if dialect == "postgresql":
-            # xmax is 0 on a freshly inserted row version and our transaction id on an update.
-            inserted = literal_column("xmax = 0", Boolean).label("inserted")
-            written = {
-                row.id: (CREATED if row.inserted else UPDATED, row.revision)
-                for row in db.execute(stmt.returning(_c.id, _c.revision, inserted), list(rows))
-            }
-        else:
-            # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
-            before = _stored_revisions(db, ids)
-            written = {
-                row.id: (UPDATED if row.id in before else CREATED, row.revision)
-                for row in db.execute(stmt.returning(_c.id, _c.revision), list(rows))
-            }
-    except IntegrityError as exc:
-        raise _invalid_payload(exc) from exc
-    unwritten = [id for id in ids if id not in written]
-    stored = _stored_revisions(db, unwritten) if unwritten else {}
-    outcomes = []
-    for row in rows:
-        id = row["id"]
-        if id in written:
-            outcome, revision = written[id]
-        else:
-            revision = stored[id]
-            outcome = DUPLICATE if revision == row["revision"] else STALE
-        outcomes.append(Outcome(id, outcome, revision))
-    return outcomes
+    if dialect == "postgresql":
+        # xmax is 0 on a freshly inserted row version and our transaction id on an update.
+        return upsert.returning(
+            _c.id, _c.revision, literal_column("xmax = 0", Boolean).label("inserted")
+        )
+    return upsert.returning(_c.id, _c.revision)
 
 
 def _stored_revisions(db: Session, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
