@@ -37,6 +37,20 @@ def clean_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def wait_options(func: F) -> F:
+    """--wait and --timeout: confirm mode of the producer API (wait, resend on timeout)."""
+    func = click.option(
+        "--timeout",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for the outcome, per attempt.",
+    )(func)
+    return click.option(
+        "--wait", is_flag=True, help="Wait for the outcome and print it; resend on timeout."
+    )(func)
+
+
 @click.group()
 def main() -> None:
     """writing-sessions: persist writing sessions sent through Celery into PostgreSQL."""
@@ -88,7 +102,7 @@ def flower(flower_args: tuple[str, ...]) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Read the content from this file (UTF-8).",
 )
-@click.option("--id", "id_", help="Session id (a UUID); a new one by default.")
+@click.option("--id", help="Session id (a UUID); a new one by default.")
 @click.option("--revision", type=int, help="Producer revision (default 0).")
 @click.option("--author-id", help="Opaque id of the author.")
 @click.option("--started-at", help="ISO 8601 start time (default: now).")
@@ -99,23 +113,10 @@ def flower(flower_args: tuple[str, ...]) -> None:
     type=click.File("r", encoding="utf-8"),
     help="Read the whole writing-session object from a JSON file ('-' for stdin).",
 )
-@click.option("--wait", is_flag=True, help="Wait for the worker and print the outcome.")
-@click.option(
-    "--timeout", type=float, default=30.0, show_default=True, help="Seconds --wait waits."
-)
+@wait_options
 @clean_errors
 def send(
-    topic: str | None,
-    content: str | None,
-    content_file: Path | None,
-    id_: str | None,
-    revision: int | None,
-    author_id: str | None,
-    started_at: str | None,
-    ended_at: str | None,
-    json_file: Any,
-    wait: bool,
-    timeout: float,
+    content_file: Path | None, json_file: Any, wait: bool, timeout: float, **fields: Any
 ) -> None:
     """Enqueue one writing session (writing_sessions.save) and print its task id.
 
@@ -126,39 +127,16 @@ def send(
     payload: dict[str, Any] = json.load(json_file) if json_file else {}
     if not isinstance(payload, dict):
         raise click.UsageError("--json must hold one writing-session object")
-    if content is not None and content_file is not None:
-        raise click.UsageError("give --content or --content-file, not both")
     if content_file is not None:
-        content = content_file.read_text(encoding="utf-8")
-    flags = {
-        "id": id_,
-        "topic": topic,
-        "content": content,
-        "author_id": author_id,
-        "started_at": started_at,
-        "ended_at": ended_at,
-        "revision": revision,
-    }
-    payload.update({key: value for key, value in flags.items() if value is not None})
+        if fields["content"] is not None:
+            raise click.UsageError("give --content or --content-file, not both")
+        fields["content"] = content_file.read_text(encoding="utf-8")
+    payload.update({key: value for key, value in fields.items() if value is not None})
     payload.setdefault("id", str(uuid.uuid4()))
     result = send_writing_session_object(payload, confirm=wait, timeout=timeout)
     click.echo(f"sent {payload['id']} as task {result.id}")
     if wait:
         click.echo(json.dumps(result.result))
-
-
-def _print_outcome(result: Any, timeout: float) -> None:
-    from celery.exceptions import TimeoutError as ResultTimeoutError
-
-    try:
-        outcome = result.get(timeout=timeout, propagate=False)
-    except ResultTimeoutError:
-        raise click.ClickException(
-            f"no outcome for task {result.id} within {timeout:g} s: is a worker running?"
-        ) from None
-    if result.failed():
-        raise click.ClickException(f"task {result.id} failed: {outcome}")
-    click.echo(json.dumps(outcome))
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -184,21 +162,19 @@ def health(workers: bool, timeout: float) -> None:
 @main.command("delete")
 @click.argument("session_id", type=click.UUID)
 @click.option("--revision", type=int, required=True, help="Revision of the deletion.")
-@click.option("--wait", is_flag=True, help="Wait for the worker and print the outcome.")
-@click.option(
-    "--timeout", type=float, default=30.0, show_default=True, help="Seconds --wait waits."
-)
+@wait_options
 @clean_errors
 def delete_(session_id: uuid.UUID, revision: int, wait: bool, timeout: float) -> None:
-    """Enqueue writing_sessions.delete: erase the session, keep a tombstone."""
-    from worker.app import app
-    from worker.schemas import parse_delete
+    """Enqueue writing_sessions.delete: erase the session, keep a tombstone.
 
-    parse_delete(str(session_id), revision)
-    result = app.send_task("writing_sessions.delete", args=[str(session_id), revision])
+    With --wait it waits for the outcome and resends on timeout (writes are idempotent).
+    """
+    from worker.producer import delete_writing_session
+
+    result = delete_writing_session(session_id, revision, confirm=wait, timeout=timeout)
     click.echo(f"sent delete of {session_id} as task {result.id}")
     if wait:
-        _print_outcome(result, timeout)
+        click.echo(json.dumps(result.result))
 
 
 @main.group("dead-letters")
