@@ -100,7 +100,7 @@ def test_naive_timestamps_are_utc_and_aware_ones_are_converted():
 def test_word_and_character_counts_follow_unicode_whitespace(content, words, chars):
     item = parse_writing_session(valid(content=content))
 
-    assert (item.word_count, item.char_count) == (words, chars)
+    assert item.counts == (words, chars)
 
 
 def test_error_never_includes_the_value():

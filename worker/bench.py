@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +286,3 @@ def _peak_rss(process: subprocess.Popen[bytes]) -> dict[str, float]:
                 name = "main" if pid == process.pid else f"child-{pid}"
                 peaks[name] = round(int(line.split()[1]) / 1024, 1)
     return peaks
-
-
-def stamp() -> str:
-    """When a run happened, for reports."""
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -59,11 +59,6 @@ def dispose_engine() -> None:
     _engine = _sessionmaker = _engine_pid = None
 
 
-def get_engine() -> Engine:
-    """This process's engine, created on first use after a fork."""
-    return init_engine()
-
-
 def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
     """Build an engine for `url` that connects on first use (create_engine never blocks)."""
     sa_url = make_url(url)
@@ -122,7 +117,7 @@ def checked_out_connections() -> int:
     """How many connections this process's pool has lent out right now."""
     if _engine is None or _engine_pid != os.getpid():
         return 0
-    return int(getattr(_engine.pool, "checkedout", lambda: 0)())
+    return _engine.pool.checkedout()  # type: ignore[attr-defined]  # QueuePool, ours
 
 
 @signals.worker_init.connect

@@ -112,16 +112,6 @@ class WritingSessionIn(BaseModel):
         words = self.content.split()
         return len(words), sum(map(len, words))
 
-    @property
-    def word_count(self) -> int:
-        """Tokens of content separated by Unicode whitespace."""
-        return self.counts[0]
-
-    @property
-    def char_count(self) -> int:
-        """Non-whitespace characters of content."""
-        return self.counts[1]
-
 
 class DeleteIn(BaseModel):
     """The arguments of `writing_sessions.delete`."""
