@@ -5,7 +5,8 @@ from worker.settings import settings
 broker_url = settings.broker_url
 result_backend = settings.result_backend
 
-# JSON only: producers in any language can speak it, and pickle from a broker is code execution.
+# JSON only: producers in any language can speak it, and no serializer that can run code
+# on load is accepted from the broker.
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
