@@ -96,6 +96,36 @@ def run_cli(
     )
 
 
+def run_python(
+    script: str, *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a new process (a producer, as users run one); it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def worker_connections(engine: sa.Engine, database_url: str) -> list[Any]:
+    """(application_name, state) of every worker connection to the test database."""
+    with engine.connect() as connection:
+        return list(
+            connection.execute(
+                sa.text(
+                    "SELECT application_name, state FROM pg_stat_activity WHERE datname = :db "
+                    "AND application_name LIKE 'writing-sessions:%'"
+                ),
+                {"db": make_url(database_url).database},
+            )
+        )
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database of this test run, migrated to head by the real `migrate` command."""

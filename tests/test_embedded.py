@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, service_env, wait_for
+from tests.conftest import run_cli, run_python, service_env, wait_for
 
 SEND_SCRIPT = """
 import sys
@@ -37,15 +35,7 @@ def rows(directory: Path) -> int:
 
 
 def send(directory: Path, env: dict[str, str], count: int, batch: int = 0) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", SEND_SCRIPT, str(count), str(batch)],
-        env=env,
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    run_python(SEND_SCRIPT, str(count), str(batch), env=env, cwd=directory)
 
 
 def test_embedded_migrate_worker_send_and_list_need_no_server(embedded, start_worker, tmp_path):
@@ -104,16 +94,8 @@ for revision in (4, 5):
 print(json.dumps(outcomes))
 """
 
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=embedded,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(script, env=embedded, cwd=tmp_path)
 
-    assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [
         "created",
         "updated",

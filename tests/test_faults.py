@@ -19,7 +19,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 
-from tests.conftest import count_rows, new_session, service_env, wait_for
+from tests.conftest import count_rows, new_session, service_env, wait_for, worker_connections
 from tests.faults import PrivateRedis, RabbitVhost, kill9, report, wait_gone
 
 pytestmark = pytest.mark.faults
@@ -388,7 +388,6 @@ def test_two_nodes_on_one_queue_one_killed_the_other_finishes(db, env, start_wor
 def test_connection_budget_under_load(db, env, start_worker, database_url):
     worker = start_worker(concurrency=3)
     payloads = [new_session() for _ in range(800)]
-    database = database_url.rsplit("/", 1)[1]
     most = 0
     pids: set[int] = set()
 
@@ -396,36 +395,14 @@ def test_connection_budget_under_load(db, env, start_worker, database_url):
 
     def sample() -> bool:
         nonlocal most
-        with db.connect() as connection:
-            names = (
-                connection.execute(
-                    sa.text(
-                        "SELECT application_name FROM pg_stat_activity WHERE datname = :db "
-                        "AND application_name LIKE 'writing-sessions:%'"
-                    ),
-                    {"db": database},
-                )
-                .scalars()
-                .all()
-            )
+        names = [name for name, _ in worker_connections(db, database_url)]
         most = max(most, len(names))
         pids.update(int(name.rsplit(":", 1)[1]) for name in names)
         return count_rows(db) == 800
 
     wait_for(sample, 180, "800 rows", interval=0.02)
     # The load is over: what is left open now must be idle, not inside a transaction.
-    with db.connect() as connection:
-        states = (
-            connection.execute(
-                sa.text(
-                    "SELECT state FROM pg_stat_activity WHERE datname = :db "
-                    "AND application_name LIKE 'writing-sessions:%'"
-                ),
-                {"db": database},
-            )
-            .scalars()
-            .all()
-        )
+    states = [state for _, state in worker_connections(db, database_url)]
 
     assert most <= 3
     assert worker.pid not in pids

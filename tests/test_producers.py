@@ -6,7 +6,6 @@ import base64
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -16,37 +15,20 @@ import redis
 import sqlalchemy as sa
 from celery.result import AsyncResult
 
-from tests.conftest import count_rows, new_session, service_env, wait_for
+from tests.conftest import count_rows, new_session, run_python, service_env, wait_for
 from worker.errors import InvalidPayloadError
 
 NODE_EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "node-producer"
 
 
-def v2_envelope(task: str, task_id: str, args: list, kwargs: dict | None = None) -> str:
-    """A Celery protocol v2 message exactly as docs/producers.md specifies it."""
-    body = json.dumps(
-        [args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    )
+def envelope(body: object, headers: dict, task_id: str) -> str:
+    """The JSON string a producer LPUSHes: base64 JSON body, headers, Redis properties."""
     return json.dumps(
         {
-            "body": base64.b64encode(body.encode()).decode(),
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": task,
-                "id": task_id,
-                "root_id": task_id,
-                "parent_id": None,
-                "group": None,
-                "retries": 0,
-                "eta": None,
-                "expires": None,
-                "timelimit": [None, None],
-                "argsrepr": "raw",
-                "kwargsrepr": "{}",
-                "origin": "test",
-            },
+            "headers": headers,
             "properties": {
                 "correlation_id": task_id,
                 "reply_to": "",
@@ -58,56 +40,59 @@ def v2_envelope(task: str, task_id: str, args: list, kwargs: dict | None = None)
             },
         }
     )
+
+
+def v2_envelope(task: str, task_id: str, args: list) -> str:
+    """A Celery protocol v2 message exactly as docs/producers.md specifies it."""
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    headers = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": "raw",
+        "kwargsrepr": "{}",
+        "origin": "test",
+    }
+    return envelope([args, {}, embed], headers, task_id)
 
 
 def v1_envelope(task: str, task_id: str, args: list) -> str:
     """A Celery protocol v1 message: everything in the body, no task headers."""
-    body = json.dumps(
-        {
-            "task": task,
-            "id": task_id,
-            "args": args,
-            "kwargs": {},
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "utc": True,
-            "callbacks": None,
-            "errbacks": None,
-            "timelimit": [None, None],
-            "taskset": None,
-            "chord": None,
-        }
-    )
-    return json.dumps(
-        {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {},
-            "properties": {
-                "correlation_id": task_id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": "celery"},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
+    body = {
+        "task": task,
+        "id": task_id,
+        "args": args,
+        "kwargs": {},
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "utc": True,
+        "callbacks": None,
+        "errbacks": None,
+        "timelimit": [None, None],
+        "taskset": None,
+        "chord": None,
+    }
+    return envelope(body, {}, task_id)
 
 
-@pytest.mark.parametrize("envelope", [v2_envelope, v1_envelope], ids=["protocol-v2", "protocol-v1"])
+@pytest.mark.parametrize("build", [v2_envelope, v1_envelope], ids=["protocol-v2", "protocol-v1"])
 def test_hand_built_message_pushed_into_redis_is_persisted(
-    db, redis_url, producer, start_worker, envelope
+    db, redis_url, producer, start_worker, build
 ):
     start_worker()
     session = new_session(content="raw message")
     task_id = str(uuid.uuid4())
     client = redis.Redis.from_url(redis_url)
 
-    client.lpush("celery", envelope("writing_sessions.save", task_id, [session]))
+    client.lpush("celery", build("writing_sessions.save", task_id, [session]))
 
     outcome = AsyncResult(task_id, app=producer).get(timeout=30)
     assert outcome == {"id": session["id"], "outcome": "created", "revision": 0}
@@ -159,16 +144,8 @@ def test_producer_process_with_only_the_broker_configured(db, redis_url, start_w
     start_worker()
     only_broker = service_env(CELERY_BROKER_URL=redis_url, CELERY_RESULT_BACKEND=redis_url)
 
-    result = subprocess.run(
-        [sys.executable, "-c", PRODUCER_SCRIPT],
-        env=only_broker,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(PRODUCER_SCRIPT, env=only_broker, cwd=tmp_path)
 
-    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["one"]["outcome"] == "created"
     assert [b["created"] for b in report["batches"]] == [1000, 500]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import count_rows, new_session, send_save, wait_for
+from tests.conftest import count_rows, new_session, send_save, wait_for, worker_connections
 
 
 def test_a_thousand_saves_become_a_thousand_rows_with_counts(db, producer, start_worker):
@@ -66,24 +67,15 @@ def test_update_overwrites_fields_and_keeps_started_at_when_absent(db, producer,
 
 def test_connections_come_only_from_children_one_each(db, producer, start_worker, database_url):
     worker = start_worker(concurrency=2)
-    database = database_url.rsplit("/", 1)[1]
     seen: dict[str, int] = {}
 
     for payload in (new_session() for _ in range(600)):
         send_save(producer, payload)
 
     def sample() -> bool:
-        with db.connect() as connection:
-            rows = connection.execute(
-                sa.text(
-                    "SELECT application_name, count(*) AS n FROM pg_stat_activity "
-                    "WHERE datname = :db AND application_name LIKE 'writing-sessions:%' "
-                    "GROUP BY application_name"
-                ),
-                {"db": database},
-            ).all()
-        for row in rows:
-            seen[row.application_name] = max(seen.get(row.application_name, 0), row.n)
+        names = Counter(name for name, _ in worker_connections(db, database_url))
+        for name, count in names.items():
+            seen[name] = max(seen.get(name, 0), count)
         return count_rows(db) == 600
 
     wait_for(sample, 120, "600 rows", interval=0.02)
@@ -121,17 +113,7 @@ def test_failed_update_leaves_row_unchanged_and_no_transaction_open(
             sa.text("SELECT topic, revision FROM writing_session WHERE id = :id"),
             {"id": payload["id"]},
         ).one()
-        states = (
-            connection.execute(
-                sa.text(
-                    "SELECT state FROM pg_stat_activity WHERE datname = :db "
-                    "AND application_name LIKE 'writing-sessions:%'"
-                ),
-                {"db": database_url.rsplit("/", 1)[1]},
-            )
-            .scalars()
-            .all()
-        )
+    states = [state for _, state in worker_connections(db, database_url)]
     assert (row.topic, row.revision) == ("A topic", 1)
     assert states and all(state == "idle" for state in states), states
     assert "connection leak" not in worker.log()
@@ -150,18 +132,7 @@ def test_solo_and_threads_pools_persist_with_one_engine_in_the_main_process(
 
     assert {o["outcome"] for o in outcomes} == {"created"}
     assert count_rows(db) == 100
-    with db.connect() as connection:
-        names = (
-            connection.execute(
-                sa.text(
-                    "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = :db "
-                    "AND application_name LIKE 'writing-sessions:%'"
-                ),
-                {"db": database_url.rsplit("/", 1)[1]},
-            )
-            .scalars()
-            .all()
-        )
+    names = {name for name, _ in worker_connections(db, database_url)}
     assert names and {int(name.rsplit(":", 1)[1]) for name in names} == {worker.pid}
 
 
