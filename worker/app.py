@@ -11,6 +11,9 @@ app.config_from_object("celeryconfig")
 # producers never do.
 app.conf.imports = ("worker.db", "worker.migrate", "worker.logs")
 app.conf.include = ("tasks.writing_sessions",)
+# redis:// result backends get Celery's Redis backend storing each result in one round trip
+# (worker/results.py). Set on the loader, which picks backend classes by URL scheme.
+app.loader.override_backends = {"redis": "worker.results:RedisBackend"}
 
 if any(
     f"sqlite:///{VAR_DIR}/" in (url or "") for url in (app.conf.broker_url, app.conf.result_backend)

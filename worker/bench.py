@@ -38,6 +38,7 @@ class BenchOptions:
     start_worker: bool = False
     concurrency: int = 2
     pool: str = "prefork"
+    prefill: bool = False
     timeout: float = 600.0
     keep: bool = False
 
@@ -57,6 +58,7 @@ class BenchReport:
     sent_per_second: float
     end_to_end_seconds: float
     rows_per_second: float
+    drain_rows_per_second: float
     latency_ms: dict[str, float] = field(default_factory=dict)
     max_db_connections: int = 0
     peak_worker_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -115,7 +117,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
 def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> BenchReport:
     """Send, wait for every row, measure, clean up."""
     tag = f"bench-{uuid.uuid4().hex[:12]}"
-    worker = _start_worker(options) if options.start_worker else None
+    worker = _start_worker(options) if options.start_worker and not options.prefill else None
     try:
         shares = _split(options.count, options.producers)
         jobs = [
@@ -131,6 +133,8 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
                 sent = [pair for part in pool.map(_send_share, jobs) for pair in part]
         send_seconds = time.time() - first_send
         progress("sent", len(sent), options.count)
+        if options.start_worker and options.prefill:
+            worker = _start_worker(options)
         deadline = time.monotonic() + options.timeout
         landed = 0
         while landed < options.count:
@@ -146,6 +150,7 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         created = _created_at(tag)
         sent_at = dict(sent)
         last_commit = max(created.values())
+        first_commit = min(created.values())
         latencies = sorted((created[i] - sent_at[i]) * 1000 for i in created)
         end_to_end = last_commit - first_send
         messages = (
@@ -163,6 +168,10 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
             sent_per_second=round(messages / send_seconds, 1),
             end_to_end_seconds=round(end_to_end, 3),
             rows_per_second=round(options.count / end_to_end, 1),
+            # From the first commit to the last: the worker's drain rate, whatever the senders did.
+            drain_rows_per_second=round(
+                (options.count - 1) / max(last_commit - first_commit, 1e-6), 1
+            ),
             latency_ms={
                 "p50": round(statistics.quantiles(latencies, n=100)[49], 1),
                 "p95": round(statistics.quantiles(latencies, n=100)[94], 1),

@@ -282,6 +282,11 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
 )
 @click.option("--start-worker", is_flag=True, help="Start (and stop) a worker of its own.")
 @click.option(
+    "--prefill",
+    is_flag=True,
+    help="With --start-worker: send everything first, then start the worker (drain rate).",
+)
+@click.option(
     "-c",
     "--concurrency",
     type=click.IntRange(1),
@@ -334,6 +339,8 @@ def bench(as_json: bool, **options: Any) -> None:
         f"({report.send_seconds:.2f} s)\n"
         f"  persisted:      {report.rows_per_second:>10.1f} rows/s end to end "
         f"({report.end_to_end_seconds:.2f} s)\n"
+        f"  drained:        {report.drain_rows_per_second:>10.1f} rows/s "
+        "(first commit to last)\n"
         f"  latency:        p50 {report.latency_ms['p50']} ms, p95 {report.latency_ms['p95']} ms, "
         f"p99 {report.latency_ms['p99']} ms (send to commit)\n"
         f"  db connections: {report.max_db_connections} (most held by workers)\n"

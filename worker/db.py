@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,10 +63,10 @@ def dispose_engine() -> None:
 def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
     """Build an engine for `url` that connects on first use (create_engine never blocks)."""
     sa_url = make_url(url)
-    options: dict[str, Any] = {"echo": settings.sql_echo, "pool_pre_ping": True}
+    options: dict[str, Any] = {"echo": settings.sql_echo}
     if sa_url.get_backend_name() == "sqlite":
-        return _make_sqlite_engine(url, options)
-    return create_engine(
+        return _make_sqlite_engine(url, {**options, "pool_pre_ping": True})
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
@@ -75,6 +76,36 @@ def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
         connect_args={"application_name": application_name[:63], "connect_timeout": 10},
         **options,
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+# A connection back in use within this many seconds is not pinged: under load a worker's
+# connection goes out and back for every task, and a ping per task cost a round trip each.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """pool_pre_ping, but only for a connection that sat idle in the pool.
+
+    A connection the server dropped while idle is found here and replaced before a task uses
+    it; one dropped mid-burst fails its task, which is retried (`is_transient`).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        checked_in = record.info.get("checked_in")  # None: a new connection, just made
+        if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and checks out a fresh one.
+            raise sa_exc.DisconnectionError("connection lost while idle in the pool") from exc
 
 
 def _make_sqlite_engine(url: str, options: dict[str, Any]) -> Engine:
