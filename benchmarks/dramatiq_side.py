@@ -31,9 +31,9 @@ from sqlalchemy.orm import sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker import store  # noqa: E402
-from worker.schemas import parse_writing_session  # noqa: E402
-from worker.settings import settings  # noqa: E402
+from worker import store
+from worker.schemas import parse_writing_session
+from worker.settings import settings
 
 THREADS = int(os.environ.get("BENCH_DRAMATIQ_THREADS", "4"))
 broker = RedisBroker(url=os.environ.get("BENCH_DRAMATIQ_BROKER_URL", settings.broker_url))

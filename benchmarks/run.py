@@ -4,11 +4,15 @@
     CELERY_BROKER_URL=redis://127.0.0.1:6379/10 CELERY_RESULT_BACKEND=redis://127.0.0.1:6379/10 \\
     .venv/bin/python benchmarks/run.py --runs 3
 
-Sides, each at the same concurrency (2 processes by default) and with the same rows:
-- `save`: writing-sessions bench, prefork worker, one message per row, results stored;
-- `save_many`: writing-sessions bench, batches of 1,000;
+Sides, each at the same concurrency (2 processes by default) and with the same rows; the queue
+sides drain a pre-filled queue (rows/s from the first commit to the last):
+- `save`: writing-sessions bench --prefill, prefork worker, one message per row, results stored;
+- `dramatiq`: the same job (the project's validation and upsert, one commit per message) under
+  Dramatiq, N processes x 4 threads (benchmarks/dramatiq_side.py; pip install -e '.[bench]');
+- `save_many`: writing-sessions bench --prefill, batches of 1,000;
 - `psycopg2 loop`: one upsert and one commit per row, N processes;
 - `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
+The table is vacuumed before every side (deleted rows of the previous side slow the next).
 Medians of --runs runs are printed; the figures are a benchmark, never a test.
 """
 
@@ -87,6 +91,7 @@ def _batched(args: tuple[str, int]) -> None:
 
 def direct(kind: str, rows: int, processes: int) -> float:
     """rows/s of a plain psycopg2 side, then delete its rows."""
+    vacuum()
     tag = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
     share = rows // processes
     started = time.perf_counter()
@@ -100,11 +105,41 @@ def direct(kind: str, rows: int, processes: int) -> float:
     return share * processes / elapsed
 
 
+def vacuum() -> None:
+    connection = psycopg2.connect(dsn())
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE writing_session")
+    connection.close()
+
+
 def bench(*args: str) -> dict:
+    vacuum()
     result = subprocess.run(
-        [CLI, "bench", "--json", *args], capture_output=True, text=True, check=True
+        [CLI, "bench", "--json", "--start-worker", "--prefill", *args],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def dramatiq_side(rows: int, processes: int) -> float:
+    vacuum()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "dramatiq_side.py"),
+            "--count",
+            str(rows),
+            "--processes",
+            str(processes),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(result.stdout.splitlines()[-1])["drain_rows_per_second"])
 
 
 def main() -> None:
@@ -118,9 +153,8 @@ def main() -> None:
     c = str(options.concurrency)
     figures: dict[str, list[float]] = {}
     for run in range(options.runs):
-        save = bench("--start-worker", "-c", c, "-P", options.pool, "--count", str(options.rows))
+        save = bench("-c", c, "-P", options.pool, "--count", str(options.rows))
         many = bench(
-            "--start-worker",
             "-c",
             c,
             "-P",
@@ -133,9 +167,9 @@ def main() -> None:
             str(options.batch_rows),
         )
         results = {
-            "save rows/s": save["rows_per_second"],
-            "save p50 ms": save["latency_ms"]["p50"],
-            "save_many(1000) rows/s": many["rows_per_second"],
+            "save rows/s": save["drain_rows_per_second"],
+            "dramatiq rows/s": dramatiq_side(options.rows, options.concurrency),
+            "save_many(1000) rows/s": many["drain_rows_per_second"],
             "psycopg2 loop rows/s": direct("loop", options.rows, options.concurrency),
             "psycopg2 batched rows/s": direct("batched", options.batch_rows, options.concurrency),
             "worker peak RSS MB (largest child)": max(
@@ -154,6 +188,10 @@ def main() -> None:
     for key, value in medians.items():
         print(f"  {key:<36} {value:>10.1f}")
     print("ratios:")
+    print(
+        f"  save / dramatiq                       "
+        f"{medians['save rows/s'] / medians['dramatiq rows/s']:>10.3f}"
+    )
     print(
         f"  save / psycopg2 loop                  "
         f"{medians['save rows/s'] / medians['psycopg2 loop rows/s']:>10.3f}"
