@@ -237,11 +237,8 @@ def _start_worker(options: BenchOptions) -> subprocess.Popen[bytes]:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"writing-sessions-bench-{os.getpid()}.log"
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
+            # The production command (README): Celery's worker without Celery's CLI plugins.
+            str(Path(sys.executable).with_name("writing-sessions")),
             "worker",
             "-P",
             options.pool,

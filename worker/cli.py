@@ -74,9 +74,19 @@ def migrate() -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker; every argument goes to `celery worker` (try --help)."""
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker as celery_worker
+
     from worker.app import app
 
-    app.worker_main(["worker", *celery_args])
+    # Celery's own `worker` command, without Celery's command group around it: the group loads
+    # every `celery.commands` plugin (Flower, the REPL) into the parent, about 22 MB that each
+    # prefork child would then carry for nothing.
+    celery_worker.main(
+        args=list(celery_args),
+        prog_name="writing-sessions worker",
+        obj=CLIContext(app=app, no_color=None, workdir=None),
+    )
 
 
 @main.command(

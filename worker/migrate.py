@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,11 +15,19 @@ import migrations
 from worker.errors import SchemaNotCurrentError
 from worker.settings import mask_url, settings
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 logger = logging.getLogger(__name__)
+
+# Alembic is imported where it is used, never at module level: workers import this module, and
+# whatever a prefork parent imports, every child carries in its resident memory.
 
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic Config pointing at the installed migrations, wherever the cwd is."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.attributes["url"] = url or settings.database_url
@@ -30,20 +36,25 @@ def alembic_config(url: str | None = None) -> Config:
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     """Upgrade the database to `revision` (head by default)."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 
 def head_revision() -> str | None:
     """The newest revision the installed migrations know."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def check_schema_current(url: str | None = None) -> None:
     """Raise SchemaNotCurrentError unless the database is at the head revision.
 
-    Uses a throwaway engine (NullPool) that holds no connection afterwards, so it is safe in a
-    prefork parent before it forks.
+    Uses a throwaway engine, disposed before returning: no connection is left behind.
     """
+    from alembic.runtime.migration import MigrationContext
+
     from worker.db import make_engine
 
     url = url or settings.database_url
@@ -70,8 +81,11 @@ def check_schema_current(url: str | None = None) -> None:
 def _check_schema_before_consuming(**_: Any) -> None:
     # Runs in the main process before the pool forks. Signal handlers' exceptions are only
     # logged by Celery, so exit explicitly: SystemExit is not an Exception and propagates.
+    # The check runs in a short-lived forked process, so that neither Alembic nor its engine
+    # ever lives in the parent (nor, through it, in each child's memory).
     try:
-        check_schema_current()
+        with ProcessPoolExecutor(1, mp_context=get_context("fork")) as checker:
+            checker.submit(check_schema_current).result()
     except SchemaNotCurrentError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"writing-sessions: {exc}") from exc

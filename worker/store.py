@@ -255,12 +255,12 @@ def _postgresql_upsert_sql(keep_started_at: bool) -> tuple[str, str, itemgetter[
     parts = re.fullmatch(r"(.* VALUES )(\(.*?\))( ON CONFLICT .*)", compiled, re.S)
     assert parts is not None, compiled
     head, values, tail = parts.groups()
-    names = [n for n in re.findall(r"%\((\w+)\)s", values) if n not in _WRITE_TIME]
-    template = re.sub(r"%\((\w+)\)s", lambda m: "%(now)s" if m[1] in _WRITE_TIME else "%s", values)
+    # Columns that hold the write time in every row: created_at, updated_at, and started_at
+    # for rows that bring none (a new row starts now; an update keeps the stored one).
+    write_time = {"created_at", "updated_at"} | ({"started_at"} if keep_started_at else set())
+    names = [n for n in re.findall(r"%\((\w+)\)s", values) if n not in write_time]
+    template = re.sub(r"%\((\w+)\)s", lambda m: "%(now)s" if m[1] in write_time else "%s", values)
     return head, template, itemgetter(*names), tail
-
-
-_WRITE_TIME = ("created_at", "updated_at")
 
 
 @cache
