@@ -110,3 +110,47 @@ def test_exhausted_retries_end_in_dead_letter_and_replay_persists_them(
     assert "5 replayed" in replay.stdout
     wait_for(lambda: count_rows(db) == 5, 60, "the replayed rows")
     assert count_rows(db, "dead_letter") == 5
+
+
+def test_only_a_connection_idle_in_the_pool_is_pinged_and_a_dead_one_is_replaced(
+    engine, database_url, monkeypatch
+):
+    from worker import db as worker_db
+    from worker.settings import normalize_database_url
+
+    pool_engine = worker_db.make_engine(
+        normalize_database_url(database_url), "writing-sessions:test-idle-ping"
+    )
+    pings: list[int] = []
+    ping = pool_engine.dialect.do_ping
+
+    def counted_ping(dbapi_connection):
+        pings.append(1)
+        return ping(dbapi_connection)
+
+    monkeypatch.setattr(pool_engine.dialect, "do_ping", counted_ping)
+    backend_pid = sa.text("SELECT pg_backend_pid()")
+    try:
+        with pool_engine.connect() as connection:
+            first = connection.execute(backend_pid).scalar()
+        with pool_engine.connect() as connection:
+            # Back in use at once, as under load: no ping, the same connection.
+            assert connection.execute(backend_pid).scalar() == first
+        assert pings == []
+        with engine.connect() as admin:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+        wait_for(lambda: not _backend_alive(engine, first), timeout=10, what="backend terminated")
+        # Now every checkout counts as idle: the dead connection is found and replaced.
+        monkeypatch.setattr(worker_db, "PING_AFTER_IDLE_SECONDS", 0.0)
+        with pool_engine.connect() as connection:
+            assert connection.execute(backend_pid).scalar() != first
+        assert pings == [1]  # the dead one failed its ping; a new connection needs none
+    finally:
+        pool_engine.dispose()
+
+
+def _backend_alive(engine, pid):
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        ).scalar()

@@ -168,3 +168,26 @@ def test_invalid_messages_fail_with_the_field_named_and_valid_ones_persist(
     assert "arguments: too many positional arguments" in str(wrong_shape.result)
     assert count_rows(db) == 3
     assert worker.alive()
+
+
+def test_content_with_quotes_and_format_characters_is_stored_exactly(db, producer, start_worker):
+    # The PostgreSQL upsert quotes values into one statement on the client: nothing in a value
+    # may be read as SQL or as a parameter placeholder.
+    start_worker()
+    tricky = 'it\'s 100% "done" %s %(id)s \\x00\\ ; DROP TABLE writing_session; -- 💡 今日は'
+    session = new_session(topic=tricky[:200], content=tricky, author_id="o'brien %s")
+    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
+    batch = [new_session(content=f"{tricky} {i}", started_at=None) for i in range(3)]
+    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
+    assert result["created"] == 3
+    with db.connect() as connection:
+        row = connection.execute(
+            sa.text("SELECT topic, content, author_id FROM writing_session WHERE id = :id"),
+            {"id": session["id"]},
+        ).one()
+        contents = connection.execute(
+            sa.text("SELECT content FROM writing_session WHERE id = ANY(:ids) ORDER BY content"),
+            {"ids": [uuid.UUID(item["id"]) for item in batch]},
+        ).scalars()
+        assert list(contents) == [f"{tricky} {i}" for i in range(3)]
+    assert tuple(row) == (tricky[:200], tricky, "o'brien %s")
