@@ -85,9 +85,14 @@ def test_flower_api_lists_the_worker_and_its_successes_and_failures(producer, st
         )
 
     found = wait_for(tasks, 60, "Flower to see the five tasks")
-    workers = json.loads(flower.get("/api/workers?refresh=1")[1])
 
-    assert any(name.startswith(worker.node.split("@")[0]) for name in workers)
+    def listed() -> bool:
+        # Flower answers a refresh with what its inspect heard within its own timeout; a
+        # reply that comes later is there on the next refresh.
+        workers = json.loads(flower.get("/api/workers?refresh=1")[1])
+        return any(name.startswith(worker.node.split("@")[0]) for name in workers)
+
+    wait_for(listed, 30, "Flower to list the worker")
     assert sorted(t["state"] for t in found.values()) == ["FAILURE"] * 2 + ["SUCCESS"] * 3
     assert {t["name"] for t in found.values()} == {"writing_sessions.save"}
     preview = found[results[0].id]["args"]
