@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -170,6 +171,9 @@ class Batch:
     rejected: list[Rejected]
 
 
+_batch_adapter = TypeAdapter(list[WritingSessionIn])
+
+
 def parse_batch(payload: Any, name: str = "writing_sessions") -> Batch:
     """Validate each item of a save_many batch on its own; the batch shape itself must be right."""
     if not isinstance(payload, list) or not 1 <= len(payload) <= MAX_BATCH:
@@ -177,6 +181,13 @@ def parse_batch(payload: Any, name: str = "writing_sessions") -> Batch:
         raise InvalidPayloadError(
             f"{name}: must be a list of 1 to {MAX_BATCH} writing-session objects, got {got}"
         )
+    try:
+        # The common case, every item valid, in one call into pydantic's core.
+        items = _batch_adapter.validate_python(payload)
+    except ValidationError:
+        pass  # validate item by item below, to name and keep each invalid one
+    else:
+        return Batch(items, list(range(len(items))), [])
     batch = Batch([], [], [])
     for index, raw in enumerate(payload):
         try:

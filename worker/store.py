@@ -16,8 +16,6 @@ from functools import cache
 from operator import itemgetter
 from typing import Any, cast
 
-from psycopg2.extensions import register_adapter
-from psycopg2.extras import UUID_adapter
 from sqlalchemy import Boolean, Table, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -29,9 +27,6 @@ from worker.models import DeadLetter, WritingSession
 from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
-
-# psycopg2 quotes our ids itself in the PostgreSQL upsert below (SQLAlchemy would send strings).
-register_adapter(uuid.UUID, UUID_adapter)
 
 # The Core table: batches go through Core's executemany, not the ORM's bulk-insert bookkeeping.
 _table = cast(Table, WritingSession.__table__)
@@ -184,9 +179,10 @@ def _row(item: WritingSessionIn, now: datetime) -> dict[str, Any]:
 
 def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) -> list[Outcome]:
     """One multi-row upsert of distinct ids; returns the outcome of each, in the rows' order."""
+    keys = [str(row["id"]) for row in rows]  # ids as text, as RETURNING gives them back
     try:
         if db.get_bind().dialect.name == "postgresql":
-            written = _upsert_postgresql(db, rows, keep_started_at)
+            written = _upsert_postgresql(db, rows, keys, keep_started_at)
         else:
             # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
             before = _stored_revisions(db, [row["id"] for row in rows])
@@ -197,23 +193,21 @@ def _upsert(db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool) 
             }
     except IntegrityError as exc:
         raise _invalid_payload(exc) from exc
-    unwritten = [row["id"] for row in rows if str(row["id"]) not in written]
+    unwritten = [row["id"] for row, key in zip(rows, keys, strict=True) if key not in written]
     stored = _stored_revisions(db, unwritten) if unwritten else {}
     outcomes = []
-    for row in rows:
-        id = row["id"]
-        key = str(id)
+    for row, key in zip(rows, keys, strict=True):
         if key in written:
             outcome, revision = written[key]
         else:
             revision = stored[key]
             outcome = DUPLICATE if revision == row["revision"] else STALE
-        outcomes.append(Outcome(id, outcome, revision))
+        outcomes.append(Outcome(row["id"], outcome, revision))
     return outcomes
 
 
 def _upsert_postgresql(
-    db: Session, rows: Sequence[dict[str, Any]], keep_started_at: bool
+    db: Session, rows: Sequence[dict[str, Any]], keys: list[str], keep_started_at: bool
 ) -> dict[str, tuple[str, int]]:
     """The upsert as one multi-row VALUES statement, built the way psycopg2's execute_values does.
 
@@ -229,7 +223,10 @@ def _upsert_postgresql(
         row_sql = template.replace(
             "%(now)s", cursor.mogrify("%s", (rows[0]["created_at"],)).decode()
         )
-        body = b",".join(cursor.mogrify(row_sql, values_of(row)) for row in rows)
+        body = b",".join(
+            cursor.mogrify(row_sql, (key, *values_of(row)))
+            for key, row in zip(keys, rows, strict=True)
+        )
     finally:
         cursor.close()
     result = connection.exec_driver_sql(
@@ -245,7 +242,7 @@ def _postgresql_upsert_sql(keep_started_at: bool) -> tuple[str, str, itemgetter[
     """The PostgreSQL upsert compiled once per process, cut for building multi-row VALUES.
 
     Returns (head, one row's VALUES with positional parameters and %(now)s for the write time,
-    a getter of a row's parameter values in that order, tail).
+    a getter of a row's parameter values after the id in that order, tail).
     """
     compiled = str(
         _upsert_statement("postgresql", keep_started_at).compile(
@@ -259,8 +256,9 @@ def _postgresql_upsert_sql(keep_started_at: bool) -> tuple[str, str, itemgetter[
     # for rows that bring none (a new row starts now; an update keeps the stored one).
     write_time = {"created_at", "updated_at"} | ({"started_at"} if keep_started_at else set())
     names = [n for n in re.findall(r"%\((\w+)\)s", values) if n not in write_time]
+    assert names[0] == "id", names
     template = re.sub(r"%\((\w+)\)s", lambda m: "%(now)s" if m[1] in write_time else "%s", values)
-    return head, template, itemgetter(*names), tail
+    return head, template, itemgetter(*names[1:]), tail
 
 
 @cache
