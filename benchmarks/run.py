@@ -9,6 +9,8 @@ sides drain a pre-filled queue (rows/s from the first commit to the last):
 - `save`: writing-sessions bench --prefill, prefork worker, one message per row, results stored;
 - `dramatiq`: the same job (the project's validation and upsert, one commit per message) under
   Dramatiq, N processes x 4 threads (benchmarks/dramatiq_side.py; pip install -e '.[bench]');
+- `celery floor`: the same worker and settings draining a task that does nothing
+  (benchmarks/celery_floor.py): the most any Celery `save` can reach here;
 - `save_many`: writing-sessions bench --prefill, batches of 1,000;
 - `psycopg2 loop`: one upsert and one commit per row, N processes;
 - `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
@@ -124,6 +126,25 @@ def bench(*args: str) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def celery_floor(rows: int, concurrency: str, pool: str) -> float:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "celery_floor.py"),
+            "--count",
+            str(rows),
+            "-c",
+            concurrency,
+            "-P",
+            pool,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(result.stdout.splitlines()[-1])["drain_messages_per_second"])
+
+
 def dramatiq_side(rows: int, processes: int) -> float:
     vacuum()
     result = subprocess.run(
@@ -169,6 +190,7 @@ def main() -> None:
         results = {
             "save rows/s": save["drain_rows_per_second"],
             "dramatiq rows/s": dramatiq_side(options.rows, options.concurrency),
+            "celery no-op floor msgs/s": celery_floor(options.rows, c, options.pool),
             "save_many(1000) rows/s": many["drain_rows_per_second"],
             "psycopg2 loop rows/s": direct("loop", options.rows, options.concurrency),
             "psycopg2 batched rows/s": direct("batched", options.batch_rows, options.concurrency),
@@ -191,6 +213,10 @@ def main() -> None:
     print(
         f"  save / dramatiq                       "
         f"{medians['save rows/s'] / medians['dramatiq rows/s']:>10.3f}"
+    )
+    print(
+        f"  celery no-op floor / dramatiq         "
+        f"{medians['celery no-op floor msgs/s'] / medians['dramatiq rows/s']:>10.3f}"
     )
     print(
         f"  save / psycopg2 loop                  "

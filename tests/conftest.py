@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from celery import Celery
 from sqlalchemy.engine import make_url
 
+ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CELERY = str(BIN / "celery")
 CLI = str(BIN / "writing-sessions")

@@ -6,16 +6,22 @@ It asserts completeness only, never speed: speed is measured by benchmarks/, not
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import count_rows, run_cli
+from tests.conftest import ROOT, count_rows, run_cli
 
 
 @pytest.mark.parametrize(
     "args",
-    [("--task", "save"), ("--task", "save_many", "--batch-size", "50", "--producers", "2")],
-    ids=["save", "save_many"],
+    [
+        ("--task", "save"),
+        ("--task", "save", "--prefill"),
+        ("--task", "save_many", "--batch-size", "50", "--producers", "2"),
+    ],
+    ids=["save", "save-prefill", "save_many"],
 )
 def test_bench_with_its_own_worker_reports_every_figure_and_removes_its_rows(
     db, env, tmp_path, args
@@ -38,7 +44,36 @@ def test_bench_with_its_own_worker_reports_every_figure_and_removes_its_rows(
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["sessions"] == 200
     assert report["rows_per_second"] > 0 and report["sent_per_second"] > 0
+    assert report["drain_rows_per_second"] > 0
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert 1 <= report["max_db_connections"] <= 2
     assert "main" in report["peak_worker_rss_mb"] and len(report["peak_worker_rss_mb"]) == 3
+    assert count_rows(db) == 0
+
+
+def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
+    # benchmarks/run.py as documented in benchmarks/README.md, tiny: every side must finish
+    # and clean up. The figures of so small a run mean nothing and are not looked at.
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--runs",
+            "1",
+            "--rows",
+            "200",
+            "--batch-rows",
+            "2000",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stderr
+    for side in ("save rows/s", "dramatiq rows/s", "celery no-op floor", "psycopg2 batched"):
+        assert side in result.stdout
+    assert "save_many / psycopg2 batched" in result.stdout
     assert count_rows(db) == 0
