@@ -90,7 +90,7 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    engine = create_engine(settings.database_url, poolclass=None)
+    engine = create_engine(settings.database_url)
     count = text("SELECT count(*) FROM writing_session WHERE author_id = :tag")
     try:
         deadline = time.monotonic() + options.timeout
