@@ -11,6 +11,7 @@ SQLAlchemy and touches no database.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -142,6 +143,11 @@ def _send(
     options = {"argsrepr": preview(args)}
     if not confirm:
         return app.send_task(task, args=args, **options)
+    # What the result backend raises when its server goes away (kombu lists KeyError there too,
+    # which here would only hide a bug).
+    lost_connection = tuple(
+        error for error in getattr(app.backend, "connection_errors", ()) if error is not KeyError
+    ) or (OSError,)
     for attempt in range(1, max(1, attempts) + 1):
         result = app.send_task(task, args=args, **options)
         try:
@@ -152,6 +158,18 @@ def _send(
             logger.warning(
                 "no outcome for %s[%s] after %ss (attempt %d)", task, result.id, timeout, attempt
             )
+            continue
+        except lost_connection as exc:
+            # The result store went away while we waited (a Redis restart): the outcome may
+            # never reach us, so send again once it had a moment to come back.
+            logger.warning(
+                "lost the result backend waiting for %s[%s] (attempt %d): %s",
+                task,
+                result.id,
+                attempt,
+                exc,
+            )
+            time.sleep(min(0.5 * attempt, 3.0))
             continue
         if result.failed():
             # The message is in dead_letter; say why, as the worker did.
