@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from tests.conftest import count_rows, run_cli, service_env
+from tests.conftest import count_rows, run_cli, run_python, service_env
 
 
 def test_send_wait_list_and_show_round_trip(env, start_worker, tmp_path):
@@ -96,3 +96,24 @@ def test_health_fails_on_an_unreachable_database_and_masks_the_password(env, tmp
     assert result.returncode == 1
     assert "FAIL database" in result.stdout
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_worker_command_leaves_celerys_cli_plugins_out_of_the_worker(env, tmp_path):
+    # `celery worker` loads every celery.commands plugin (Flower, the REPL) into the parent, and
+    # every prefork child inherits it: about 22 MB each. `writing-sessions worker` runs Celery's
+    # worker command on its own; its options still work.
+    script = """
+import sys
+from worker.cli import main
+try:
+    main(["worker", "--help"])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+loaded = sorted(m for m in ("flower", "prompt_toolkit", "click_repl", "celery.bin.celery")
+                if m in sys.modules)
+print("loaded:", loaded)
+"""
+    result = run_python(script, env=env, cwd=tmp_path)
+
+    assert "--concurrency" in result.stdout and "writing-sessions worker" in result.stdout
+    assert "loaded: []" in result.stdout
