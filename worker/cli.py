@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from worker.errors import WritingSessionsError
+from worker.errors import WritingSessionsError, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,8 +31,7 @@ def clean_errors(func: F) -> F:
             raise click.ClickException(str(exc)) from exc
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", None) or exc
-            message = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
-            raise click.ClickException(f"database error: {type(orig).__name__}: {message}") from exc
+            raise click.ClickException(f"database error: {one_line(orig)}") from exc
 
     return wrapper  # type: ignore[return-value]
 

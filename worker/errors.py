@@ -23,3 +23,10 @@ class InvalidPayloadError(PermanentError):
 
 class TransientError(WritingSessionsError):
     """A fault that may pass: database or broker unavailable, deadlock, serialization failure."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`TypeName: first line of the message` (or just the type name), for one-line reports."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text.splitlines()[0]}" if text else name

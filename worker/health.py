@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from worker.errors import SchemaNotCurrentError
+from worker.errors import SchemaNotCurrentError, one_line
 from worker.settings import mask_url, settings
 
 
@@ -34,7 +34,7 @@ def _broker(timeout: float) -> Check:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # any failure to connect is the answer
-        return Check(name, False, f"unreachable ({type(exc).__name__}: {_first_line(exc)})")
+        return Check(name, False, f"unreachable ({one_line(exc)})")
     return Check(name, True, "reachable")
 
 
@@ -55,13 +55,8 @@ def _workers(timeout: float) -> Check:
     try:
         replies = app.control.ping(timeout=timeout) or []
     except Exception as exc:  # the broker refusing is a failed check, not a crash
-        return Check("workers", False, f"ping failed ({type(exc).__name__}: {_first_line(exc)})")
+        return Check("workers", False, f"ping failed ({one_line(exc)})")
     nodes = sorted(node for reply in replies for node in reply)
     if not nodes:
         return Check("workers", False, f"no worker answered ping within {timeout:g} s")
     return Check("workers", True, f"{len(nodes)} answered: {', '.join(nodes)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from worker import store
 from worker.db import is_transient, task_db
-from worker.errors import InvalidPayloadError, PermanentError, TransientError
+from worker.errors import InvalidPayloadError, PermanentError, TransientError, one_line
 from worker.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class WritingSessionsTask(Task):
         self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         retries = self.request.retries
-        error = TransientError(f"{type(exc).__name__}: {_first_line(exc)}")
+        error = TransientError(one_line(exc))
         if self.max_retries is None or retries < self.max_retries:
             countdown = get_exponential_backoff_interval(
                 factor=1, retries=retries, maximum=self.retry_backoff_max, full_jitter=True
@@ -107,8 +107,3 @@ class WritingSessionsTask(Task):
         logger.warning(
             "dead letter %s for task %s[%s]: %s", letter.id, self.name, self.request.id, error
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
