@@ -5,7 +5,7 @@ SQLAlchemy and touches no database.
 
     from worker.producer import send_writing_session
     result = send_writing_session(topic="Morning pages", content="...")
-    send_writing_session(topic="...", confirm=True)   # waits; resends on timeout
+    send_writing_session(topic="...", confirm=True)   # waits; resends if no outcome comes
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from celery import Celery
 from celery.exceptions import TimeoutError as ResultTimeoutError
 from celery.result import AsyncResult
 
-from worker.errors import InvalidPayloadError, TransientError
+from worker.errors import InvalidPayloadError, TransientError, one_line
 from worker.schemas import MAX_BATCH, parse_delete, parse_writing_session
 
 logger = logging.getLogger(__name__)
@@ -152,24 +152,20 @@ def _send(
         result = app.send_task(task, args=args, **options)
         try:
             result.get(timeout=timeout, propagate=False)
-        except ResultTimeoutError:
-            # The message may have been lost in flight (see README, Guarantees): the write is
-            # idempotent, so sending it again is safe; a late first copy ends as "duplicate".
+        except (ResultTimeoutError, *lost_connection) as exc:
+            # No outcome: the message may have been lost in flight (see README, Guarantees), or
+            # the result store went away while we waited (a Redis restart). The write is
+            # idempotent, so sending again is safe; a late first copy ends as "duplicate".
             logger.warning(
-                "no outcome for %s[%s] after %ss (attempt %d)", task, result.id, timeout, attempt
-            )
-            continue
-        except lost_connection as exc:
-            # The result store went away while we waited (a Redis restart): the outcome may
-            # never reach us, so send again once it had a moment to come back.
-            logger.warning(
-                "lost the result backend waiting for %s[%s] (attempt %d): %s",
+                "no outcome for %s[%s] within %gs (attempt %d): %s",
                 task,
                 result.id,
+                timeout,
                 attempt,
-                exc,
+                one_line(exc),
             )
-            time.sleep(min(0.5 * attempt, 3.0))
+            if not isinstance(exc, ResultTimeoutError):
+                time.sleep(min(0.5 * attempt, 3.0))  # give the store a moment to come back
             continue
         if result.failed():
             # The message is in dead_letter; say why, as the worker did.
