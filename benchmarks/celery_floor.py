@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.app import app
+from worker.bench import content
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +41,10 @@ def main() -> None:
     parser.add_argument("-P", "--pool", default="prefork")
     parser.add_argument("--timeout", type=float, default=600.0)
     options = parser.parse_args()
-    words = "writing sessions persist words 今日は 晴れ "
-    content = (words * 5)[:200]
+    text = content(200)
     with app.producer_or_acquire() as producer:
         for _ in range(options.count):
-            session = {"id": str(uuid.uuid4()), "topic": "bench", "content": content}
+            session = {"id": str(uuid.uuid4()), "topic": "bench", "content": text}
             app.send_task("bench.noop", args=[session], producer=producer, argsrepr="[bench]")
     client = app.connection_for_write().default_channel.client
     node = f"floor-{os.getpid()}@%h"

@@ -32,6 +32,7 @@ from sqlalchemy.orm import sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker import store
+from worker.bench import content
 from worker.schemas import parse_writing_session
 from worker.settings import settings
 
@@ -66,11 +67,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     options = parser.parse_args()
     tag = f"bench-dramatiq-{uuid.uuid4().hex[:8]}"
-    words = "writing sessions persist words 今日は 晴れ "
-    content = (words * (options.size // len(words) + 1))[: options.size]
+    session_text = content(options.size)
     broker.flush(save.queue_name)
     for _ in range(options.count):
-        save.send({"id": str(uuid.uuid4()), "topic": "bench", "content": content, "author_id": tag})
+        save.send(
+            {"id": str(uuid.uuid4()), "topic": "bench", "content": session_text, "author_id": tag}
+        )
     worker = subprocess.Popen(
         [
             sys.executable,

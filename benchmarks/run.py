@@ -34,6 +34,8 @@ from pathlib import Path
 import psycopg2
 from psycopg2.extras import execute_values
 
+from worker.bench import content
+
 CLI = str(Path(sys.executable).parent / "writing-sessions")
 UPSERT = """
 INSERT INTO writing_session (id, topic, content, author_id, word_count, char_count, started_at,
@@ -48,7 +50,7 @@ WHERE writing_session.revision < excluded.revision
 RETURNING id, revision, (xmax = 0)
 """
 ONE_ROW = "(%s, %s, %s, %s, %s, %s, now(), NULL, 0, NULL, now(), now())"
-CONTENT = ("writing sessions persist words 今日は 晴れ " * 10)[:200]
+CONTENT = content(200)
 
 
 def dsn() -> str:
@@ -115,52 +117,32 @@ def vacuum() -> None:
     connection.close()
 
 
-def bench(*args: str) -> dict:
-    vacuum()
-    result = subprocess.run(
-        [CLI, "bench", "--json", "--start-worker", "--prefill", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def last_json_line(*command: str) -> dict:
+    """Run one side as a subprocess and read the figures it prints last, as JSON."""
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def bench(*args: str) -> dict:
+    vacuum()
+    return last_json_line(CLI, "bench", "--json", "--start-worker", "--prefill", *args)
+
+
 def celery_floor(rows: int, concurrency: str, pool: str) -> float:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "celery_floor.py"),
-            "--count",
-            str(rows),
-            "-c",
-            concurrency,
-            "-P",
-            pool,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    script = str(Path(__file__).parent / "celery_floor.py")
+    figures = last_json_line(
+        sys.executable, script, "--count", str(rows), "-c", concurrency, "-P", pool
     )
-    return float(json.loads(result.stdout.splitlines()[-1])["drain_messages_per_second"])
+    return float(figures["drain_messages_per_second"])
 
 
 def dramatiq_side(rows: int, processes: int) -> float:
     vacuum()
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "dramatiq_side.py"),
-            "--count",
-            str(rows),
-            "--processes",
-            str(processes),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    script = str(Path(__file__).parent / "dramatiq_side.py")
+    figures = last_json_line(
+        sys.executable, script, "--count", str(rows), "--processes", str(processes)
     )
-    return float(json.loads(result.stdout.splitlines()[-1])["drain_rows_per_second"])
+    return float(figures["drain_rows_per_second"])
 
 
 def main() -> None:

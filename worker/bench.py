@@ -67,7 +67,8 @@ class BenchReport:
         return asdict(self)
 
 
-def _content(size: int) -> str:
+def content(size: int) -> str:
+    """The text of every benchmarked session (benchmarks/ use it too): `size` characters."""
     words = "writing sessions persist words 今日は 晴れ "
     return (words * (size // len(words) + 1))[:size]
 
@@ -77,7 +78,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
     tag, task, start, stop, size, batch_size, _ = args
     from worker.app import app
 
-    content = _content(size)
+    text = content(size)
     sent: list[tuple[str, float]] = []
     with app.producer_or_acquire() as producer:
         if task == "save":
@@ -85,7 +86,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
                 session = {
                     "id": str(uuid.uuid4()),
                     "topic": "bench",
-                    "content": content,
+                    "content": text,
                     "author_id": tag,
                 }
                 sent.append((session["id"], time.time()))
@@ -98,7 +99,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
                     {
                         "id": str(uuid.uuid4()),
                         "topic": "bench",
-                        "content": content,
+                        "content": text,
                         "author_id": tag,
                     }
                     for _ in range(first, min(first + batch_size, stop))
