@@ -28,7 +28,7 @@ from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
 
-# The Core table: batches go through Core's executemany, not the ORM's bulk-insert bookkeeping.
+# The Core table: writes go through one upsert statement, not the ORM's unit of work.
 _table = cast(Table, WritingSession.__table__)
 _c = _table.c
 
@@ -265,8 +265,8 @@ def _postgresql_upsert_sql(keep_started_at: bool) -> tuple[str, str, itemgetter[
 def _upsert_statement(dialect: str, keep_started_at: bool) -> ReturningInsert[Any]:
     """The upsert of one row, built once per process for each dialect and started_at rule.
 
-    Executed with every row as parameters: SQLAlchemy's "insertmanyvalues" sends it as
-    multi-row VALUES pages, with one cached compiled form whatever the batch size.
+    SQLite executes it with every row as parameters (Core's executemany); PostgreSQL compiles
+    it once into the text `_postgresql_upsert_sql` repeats for each row.
     keep_started_at: the rows carry no producer started_at, so an update keeps the stored one
     (the inserted value, the time of the write, only applies to new rows).
     """
