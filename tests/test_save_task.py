@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from datetime import UTC
 
 import pytest
 import sqlalchemy as sa
@@ -171,10 +172,13 @@ def test_invalid_messages_fail_with_the_field_named_and_valid_ones_persist(
 
 
 def test_content_with_quotes_and_format_characters_is_stored_exactly(db, producer, start_worker):
-    # The PostgreSQL upsert quotes values into one statement on the client: nothing in a value
-    # may be read as SQL or as a parameter placeholder.
+    # The PostgreSQL upsert sends the rows as one JSON text quoted into the statement: nothing in
+    # a value may be read as SQL, as a parameter placeholder or as a JSON escape.
     start_worker()
-    tricky = 'it\'s 100% "done" %s %(id)s \\x00\\ ; DROP TABLE writing_session; -- 💡 今日は'
+    tricky = (
+        'it\'s 100% "done" %s %(id)s \\x00\\u0041\\ \t\n\x01\u2028 '
+        "; DROP TABLE writing_session; -- 💡 今日は"
+    )
     session = new_session(topic=tricky[:200], content=tricky, author_id="o'brien %s")
     assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
     batch = [new_session(content=f"{tricky} {i}", started_at=None) for i in range(3)]
@@ -191,3 +195,25 @@ def test_content_with_quotes_and_format_characters_is_stored_exactly(db, produce
         ).scalars()
         assert list(contents) == [f"{tricky} {i}" for i in range(3)]
     assert tuple(row) == (tricky[:200], tricky, "o'brien %s")
+
+
+def test_timestamps_keep_their_instant_to_the_microsecond(db, producer, start_worker):
+    start_worker()
+    times = {
+        "started_at": "2024-05-01T10:00:00.123456+02:00",
+        "ended_at": "2024-05-01T12:30:00.000001-03:30",
+    }
+    session = new_session(**times)
+    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
+    batch = [new_session(**times) for _ in range(2)]
+    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
+    assert result["created"] == 2
+    with db.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT started_at, ended_at FROM writing_session WHERE id = ANY(:ids)"),
+            {"ids": [uuid.UUID(item["id"]) for item in (session, *batch)]},
+        ).all()
+    assert len(rows) == 3
+    for started_at, ended_at in rows:
+        assert started_at.astimezone(UTC).isoformat() == "2024-05-01T08:00:00.123456+00:00"
+        assert ended_at.astimezone(UTC).isoformat() == "2024-05-01T16:00:00.000001+00:00"

@@ -18,6 +18,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    computed_field,
     model_validator,
 )
 
@@ -106,6 +107,7 @@ class WritingSessionIn(BaseModel):
             raise ValueError("ended_at: must not be before started_at")
         return self
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def counts(self) -> tuple[int, int]:
         """(word_count, char_count): tokens of content separated by Unicode whitespace, as
