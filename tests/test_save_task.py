@@ -217,3 +217,21 @@ def test_timestamps_keep_their_instant_to_the_microsecond(db, producer, start_wo
     for started_at, ended_at in rows:
         assert started_at.astimezone(UTC).isoformat() == "2024-05-01T08:00:00.123456+00:00"
         assert ended_at.astimezone(UTC).isoformat() == "2024-05-01T16:00:00.000001+00:00"
+
+
+def test_text_is_stored_exactly_whatever_the_client_encoding_default(db, producer, start_worker):
+    # The store sends rows as UTF-8 bytes; the engine must talk UTF-8 even where libpq's
+    # default (PGCLIENTENCODING here, or the server's) is another encoding.
+    start_worker(extra_env={"PGCLIENTENCODING": "LATIN1"})
+    text = "今日は 💡 naïve"
+    session = new_session(content=text)
+    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
+    batch = [new_session(content=text) for _ in range(2)]
+    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
+    assert result["created"] == 2
+    with db.connect() as connection:
+        contents = connection.execute(
+            sa.text("SELECT content FROM writing_session WHERE id = ANY(:ids)"),
+            {"ids": [uuid.UUID(item["id"]) for item in (session, *batch)]},
+        ).scalars()
+        assert list(contents) == [text] * 3

@@ -73,6 +73,8 @@ def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
         pool_timeout=30,
         # Servers and proxies drop idle connections; recycle before they do.
         pool_recycle=1800,
+        # The store sends the rows of an upsert as UTF-8 bytes (worker/store.py).
+        client_encoding="utf8",
         connect_args={"application_name": application_name[:63], "connect_timeout": 10},
         **options,
     )

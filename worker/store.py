@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, cast
 
+from psycopg2.extensions import QuotedString
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from sqlalchemy import (
     Boolean,
@@ -200,7 +201,10 @@ def _upsert(
         if db.get_bind().dialect.name == "postgresql":
             # PostgreSQL reads the rows from one JSON parameter faster than it parses a
             # multi-row VALUES list, and pydantic writes that JSON faster than Python builds rows.
-            params = {"rows": _rows_json.dump_json(list(rows)).decode(), "now": now}
+            # Its UTF-8 bytes are quoted as they are (the engine's client_encoding is UTF-8):
+            # decoding them for psycopg2 to encode again cost a copy twice their size.
+            rows_json = QuotedString(_rows_json.dump_json(list(rows)))
+            params = {"rows": rows_json, "now": now}
             result = db.execute(_upsert_statement("postgresql", keep_started_at), params)
             written = {id: (CREATED if inserted else UPDATED, rev) for id, rev, inserted in result}
         else:
