@@ -1,0 +1,43 @@
+"""Celery's worker consumer, publishing task events in batches of up to EVENT_FLUSH_SECONDS.
+
+Celery buffers task events (received, started, succeeded, ...) and publishes the buffer as one
+`task.multi` message on the next turn of the event loop. Under load a turn holds about one
+event, so that was a publish (a Redis round trip through kombu's producer) per event: a third
+of a busy worker's main process, which is what bounds `save` (benchmarks/README.md).
+
+Here the buffer is published EVENT_FLUSH_SECONDS after the first event put in it (or as soon as
+it holds the dispatcher's buffer_limit, as before), and before the consumer shuts down. Every
+event is still sent; Flower and `celery events` see it up to EVENT_FLUSH_SECONDS later.
+Selected by `worker_consumer` in celeryconfig.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.common import ignore_errors
+
+EVENT_FLUSH_SECONDS = 0.05
+
+
+class Consumer(CeleryConsumer):
+    """The worker consumer with task events published at most every EVENT_FLUSH_SECONDS."""
+
+    _event_flush_at = 0.0
+
+    def on_send_event_buffered(self) -> None:
+        if not self.hub:
+            return
+        now = time.monotonic()
+        # A flush is already due: it publishes this event too. No flag that a lost timer entry
+        # (a consumer restart) could leave set: once that time has passed, schedule anew.
+        if now < self._event_flush_at:
+            return
+        self._event_flush_at = now + EVENT_FLUSH_SECONDS
+        self.hub.call_later(EVENT_FLUSH_SECONDS, self._flush_events_promise)
+
+    def shutdown(self) -> None:
+        # The events of the last tasks, before the events step closes the dispatcher.
+        ignore_errors(self, self._flush_events)
+        super().shutdown()
