@@ -171,6 +171,22 @@ def test_invalid_messages_fail_with_the_field_named_and_valid_ones_persist(
     assert worker.alive()
 
 
+def write_both_ways(db, producer, session: dict, batch: list[dict], columns: str) -> list[tuple]:
+    """`session` through writing_sessions.save and `batch` through save_many (both must create
+    their rows); the stored `columns` of each row, session first, then the batch in order."""
+    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
+    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
+    assert result["created"] == len(batch)
+    ids = [uuid.UUID(item["id"]) for item in (session, *batch)]
+    with db.connect() as connection:
+        rows = connection.execute(
+            sa.text(f"SELECT id, {columns} FROM writing_session WHERE id = ANY(:ids)"),
+            {"ids": ids},
+        )
+        found = {uuid.UUID(str(row[0])): tuple(row[1:]) for row in rows}
+    return [found[id] for id in ids if id in found]
+
+
 def test_content_with_quotes_and_format_characters_is_stored_exactly(db, producer, start_worker):
     # The PostgreSQL upsert sends the rows as one JSON text quoted into the statement: nothing in
     # a value may be read as SQL, as a parameter placeholder or as a JSON escape.
@@ -180,21 +196,10 @@ def test_content_with_quotes_and_format_characters_is_stored_exactly(db, produce
         "; DROP TABLE writing_session; -- 💡 今日は"
     )
     session = new_session(topic=tricky[:200], content=tricky, author_id="o'brien %s")
-    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
     batch = [new_session(content=f"{tricky} {i}", started_at=None) for i in range(3)]
-    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
-    assert result["created"] == 3
-    with db.connect() as connection:
-        row = connection.execute(
-            sa.text("SELECT topic, content, author_id FROM writing_session WHERE id = :id"),
-            {"id": session["id"]},
-        ).one()
-        contents = connection.execute(
-            sa.text("SELECT content FROM writing_session WHERE id = ANY(:ids) ORDER BY content"),
-            {"ids": [uuid.UUID(item["id"]) for item in batch]},
-        ).scalars()
-        assert list(contents) == [f"{tricky} {i}" for i in range(3)]
-    assert tuple(row) == (tricky[:200], tricky, "o'brien %s")
+    row, *batch_rows = write_both_ways(db, producer, session, batch, "topic, content, author_id")
+    assert [content for _, content, _ in batch_rows] == [f"{tricky} {i}" for i in range(3)]
+    assert row == (tricky[:200], tricky, "o'brien %s")
 
 
 def test_timestamps_keep_their_instant_to_the_microsecond(db, producer, start_worker):
@@ -203,16 +208,8 @@ def test_timestamps_keep_their_instant_to_the_microsecond(db, producer, start_wo
         "started_at": "2024-05-01T10:00:00.123456+02:00",
         "ended_at": "2024-05-01T12:30:00.000001-03:30",
     }
-    session = new_session(**times)
-    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
     batch = [new_session(**times) for _ in range(2)]
-    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
-    assert result["created"] == 2
-    with db.connect() as connection:
-        rows = connection.execute(
-            sa.text("SELECT started_at, ended_at FROM writing_session WHERE id = ANY(:ids)"),
-            {"ids": [uuid.UUID(item["id"]) for item in (session, *batch)]},
-        ).all()
+    rows = write_both_ways(db, producer, new_session(**times), batch, "started_at, ended_at")
     assert len(rows) == 3
     for started_at, ended_at in rows:
         assert started_at.astimezone(UTC).isoformat() == "2024-05-01T08:00:00.123456+00:00"
@@ -224,14 +221,6 @@ def test_text_is_stored_exactly_whatever_the_client_encoding_default(db, produce
     # default (PGCLIENTENCODING here, or the server's) is another encoding.
     start_worker(extra_env={"PGCLIENTENCODING": "LATIN1"})
     text = "今日は 💡 naïve"
-    session = new_session(content=text)
-    assert send_save(producer, session).get(timeout=30)["outcome"] == "created"
     batch = [new_session(content=text) for _ in range(2)]
-    result = producer.send_task("writing_sessions.save_many", args=[batch]).get(timeout=30)
-    assert result["created"] == 2
-    with db.connect() as connection:
-        contents = connection.execute(
-            sa.text("SELECT content FROM writing_session WHERE id = ANY(:ids)"),
-            {"ids": [uuid.UUID(item["id"]) for item in (session, *batch)]},
-        ).scalars()
-        assert list(contents) == [text] * 3
+    rows = write_both_ways(db, producer, new_session(content=text), batch, "content")
+    assert [content for (content,) in rows] == [text] * 3
