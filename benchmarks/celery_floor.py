@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from worker.app import app
-from worker.bench import content
+from worker.bench import bench_session, content, start_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,31 +39,13 @@ def main() -> None:
     text = content(200)
     with app.producer_or_acquire() as producer:
         for _ in range(options.count):
-            session = {"id": str(uuid.uuid4()), "topic": "bench", "content": text}
+            session = bench_session(text, "bench-floor")
             app.send_task("bench.noop", args=[session], producer=producer, argsrepr="[bench]")
     client = app.connection_for_write().default_channel.client
-    node = f"floor-{os.getpid()}@%h"
-    worker = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("writing-sessions")),
-            "worker",
-            "-I",
-            "benchmarks.celery_floor",
-            "-P",
-            options.pool,
-            "-c",
-            str(options.concurrency),
-            "-n",
-            node,
-            "-l",
-            "WARNING",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    # Not waiting for the worker to answer a ping: the drain is timed from the first message
+    # taken, which the loop below must see.
+    worker = start_worker(
+        options.pool, options.concurrency, "-I", "benchmarks.celery_floor", cwd=ROOT, wait=False
     )
     try:
         deadline = time.monotonic() + options.timeout
@@ -84,8 +61,7 @@ def main() -> None:
             time.sleep(0.01)
         finished = time.monotonic()
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(60)
+        stop_worker(worker)
     assert started is not None
     print(
         json.dumps(

@@ -19,20 +19,26 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker import store
-from worker.bench import content
+from worker.bench import (
+    bench_session,
+    commit_times,
+    content,
+    delete_rows,
+    drain_rate,
+    wait_for_rows,
+)
+from worker.db import make_engine
 from worker.schemas import parse_writing_session
 from worker.settings import settings
 
@@ -46,7 +52,7 @@ def _sessionmaker() -> sessionmaker[Any]:
     # One engine per process, built after the fork on first use, with a connection per thread.
     pid = os.getpid()
     if pid not in _sessions:
-        engine = create_engine(settings.database_url, pool_size=THREADS, max_overflow=0)
+        engine = make_engine(settings.database_url, "bench-dramatiq", THREADS)
         _sessions[pid] = sessionmaker(engine, expire_on_commit=False)
     return _sessions[pid]
 
@@ -70,9 +76,7 @@ def main() -> None:
     session_text = content(options.size)
     broker.flush(save.queue_name)
     for _ in range(options.count):
-        save.send(
-            {"id": str(uuid.uuid4()), "topic": "bench", "content": session_text, "author_id": tag}
-        )
+        save.send(bench_session(session_text, tag))
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -92,36 +96,24 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    engine = create_engine(settings.database_url)
-    count = text("SELECT count(*) FROM writing_session WHERE author_id = :tag")
+
+    def alive(_: int) -> None:
+        if worker.poll() is not None:
+            raise SystemExit(f"the dramatiq side stopped before {options.count} rows")
+
     try:
-        deadline = time.monotonic() + options.timeout
-        with engine.connect() as connection:
-            while connection.execute(count, {"tag": tag}).scalar_one() < options.count:
-                connection.rollback()
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit(f"dramatiq side did not finish {options.count} rows")
-                time.sleep(0.2)
+        wait_for_rows(tag, options.count, options.timeout, alive)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(60)
-    with engine.begin() as connection:
-        first, last = connection.execute(
-            text(
-                "SELECT min(created_at), max(created_at) FROM writing_session "
-                "WHERE author_id = :tag"
-            ),
-            {"tag": tag},
-        ).one()
-        connection.execute(text("DELETE FROM writing_session WHERE author_id = :tag"), {"tag": tag})
-    engine.dispose()
-    seconds = (last - first).total_seconds()
+    commits = commit_times(tag)
+    delete_rows(tag)
     print(
         json.dumps(
             {
                 "side": f"dramatiq {options.processes}x{options.threads}",
                 "rows": options.count,
-                "drain_rows_per_second": round((options.count - 1) / seconds, 1),
+                "drain_rows_per_second": round(drain_rate(commits), 1),
             }
         )
     )

@@ -73,6 +73,11 @@ def content(size: int) -> str:
     return (words * (size // len(words) + 1))[:size]
 
 
+def bench_session(text: str, tag: str) -> dict[str, str]:
+    """A new session of a run: its rows are found (and removed) by their author_id, the tag."""
+    return {"id": str(uuid.uuid4()), "topic": "bench", "content": text, "author_id": tag}
+
+
 def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[str, float]]:
     """Producer process: send sessions [start, stop) and return (id, send time) pairs."""
     tag, task, start, stop, size, batch_size, _ = args
@@ -83,12 +88,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
     with app.producer_or_acquire() as producer:
         if task == "save":
             for _index in range(start, stop):
-                session = {
-                    "id": str(uuid.uuid4()),
-                    "topic": "bench",
-                    "content": text,
-                    "author_id": tag,
-                }
+                session = bench_session(text, tag)
                 sent.append((session["id"], time.time()))
                 app.send_task(
                     "writing_sessions.save", args=[session], producer=producer, argsrepr="[bench]"
@@ -96,13 +96,7 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
         else:
             for first in range(start, stop, batch_size):
                 batch = [
-                    {
-                        "id": str(uuid.uuid4()),
-                        "topic": "bench",
-                        "content": text,
-                        "author_id": tag,
-                    }
-                    for _ in range(first, min(first + batch_size, stop))
+                    bench_session(text, tag) for _ in range(first, min(first + batch_size, stop))
                 ]
                 now = time.time()
                 sent.extend((item["id"], now) for item in batch)
@@ -118,7 +112,9 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
 def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> BenchReport:
     """Send, wait for every row, measure, clean up."""
     tag = f"bench-{uuid.uuid4().hex[:12]}"
-    worker = _start_worker(options) if options.start_worker and not options.prefill else None
+    worker = None
+    if options.start_worker and not options.prefill:
+        worker = start_worker(options.pool, options.concurrency)
     try:
         shares = _split(options.count, options.producers)
         jobs = [
@@ -135,27 +131,16 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         send_seconds = time.time() - first_send
         progress("sent", len(sent), options.count)
         if options.start_worker and options.prefill:
-            worker = _start_worker(options)
-        deadline = time.monotonic() + options.timeout
-        landed = 0
-        while landed < options.count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {landed} of {options.count} rows after {options.timeout:g} s"
-                )
+            worker = start_worker(options.pool, options.concurrency)
+
+        def on_count(landed: int) -> None:
             sampler.sample()
-            counted = time.monotonic()
-            landed = _count(tag)
             progress("persisted", landed, options.count)
-            # A count scans every row landed so far: poll less often as they grow, so that the
-            # meter takes at most about 5% of a database core from the worker it measures (the
-            # figures come from the rows' commit times, not from when a count saw them).
-            time.sleep(max(0.2, 20 * (time.monotonic() - counted)))
-        sampler.sample()
-        created = _created_at(tag)
+
+        wait_for_rows(tag, options.count, options.timeout, on_count)
+        created = commit_times(tag)
         sent_at = dict(sent)
         last_commit = max(created.values())
-        first_commit = min(created.values())
         latencies = sorted((created[i] - sent_at[i]) * 1000 for i in created)
         end_to_end = last_commit - first_send
         messages = (
@@ -173,10 +158,7 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
             sent_per_second=round(messages / send_seconds, 1),
             end_to_end_seconds=round(end_to_end, 3),
             rows_per_second=round(options.count / end_to_end, 1),
-            # From the first commit to the last: the worker's drain rate, whatever the senders did.
-            drain_rows_per_second=round(
-                (options.count - 1) / max(last_commit - first_commit, 1e-6), 1
-            ),
+            drain_rows_per_second=round(drain_rate(created), 1),
             latency_ms={
                 "p50": round(statistics.quantiles(latencies, n=100)[49], 1),
                 "p95": round(statistics.quantiles(latencies, n=100)[94], 1),
@@ -187,10 +169,9 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         )
     finally:
         if worker:
-            _stop_worker(worker)
+            stop_worker(worker)
         if not options.keep:
-            with task_db() as db:
-                db.execute(delete(WritingSession).where(WritingSession.author_id == tag))
+            delete_rows(tag)
 
 
 def _split(count: int, parts: int) -> list[tuple[int, int]]:
@@ -198,12 +179,35 @@ def _split(count: int, parts: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
+def wait_for_rows(
+    tag: str, count: int, timeout: float, on_count: Callable[[int], None] = lambda _: None
+) -> None:
+    """Poll until `count` rows of `tag` have landed (TimeoutError after `timeout` seconds).
+
+    A count scans every row landed so far: the wait after one is 20 times what it took (at
+    least 0.2 s), so that the meter takes at most about 5% of a database core from the worker
+    it measures. The figures come from the rows' commit times, not from when a count saw them.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        counted = time.monotonic()
+        landed = _count(tag)
+        took = time.monotonic() - counted
+        on_count(landed)
+        if landed >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {landed} of {count} rows after {timeout:g} s")
+        time.sleep(max(0.2, 20 * took))
+
+
 def _count(tag: str) -> int:
     with task_db() as db:
         return int(db.scalar(select(func.count()).where(WritingSession.author_id == tag)) or 0)
 
 
-def _created_at(tag: str) -> dict[str, float]:
+def commit_times(tag: str) -> dict[str, float]:
+    """When each row of `tag` was committed (its created_at), as Unix time, by id."""
     with task_db() as db:
         rows = db.execute(
             select(WritingSession.id, WritingSession.created_at).where(
@@ -216,6 +220,19 @@ def _created_at(tag: str) -> dict[str, float]:
             ).timestamp()
             for row in rows
         }
+
+
+def drain_rate(commits: dict[str, float]) -> float:
+    """Rows/s from the first commit to the last: how fast the worker drained, whatever the
+    senders did."""
+    times = commits.values()
+    return (len(commits) - 1) / max(max(times) - min(times), 1e-6)
+
+
+def delete_rows(tag: str) -> None:
+    """Remove what a run wrote: its own rows only."""
+    with task_db() as db:
+        db.execute(delete(WritingSession).where(WritingSession.author_id == tag))
 
 
 class _ConnectionSampler:
@@ -238,40 +255,50 @@ class _ConnectionSampler:
         self.most = max(self.most, int(held or 0))
 
 
-def _start_worker(options: BenchOptions) -> subprocess.Popen[bytes]:
+def start_worker(
+    pool: str, concurrency: int, *args: str, cwd: Path | None = None, wait: bool = True
+) -> subprocess.Popen[bytes]:
+    """`writing-sessions worker` (the production command, README) in a process group of its own.
+
+    args: more worker options. wait: return once the worker answers a ping (60 s at most);
+    a caller timing the drain from the first message taken passes False.
+    """
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"writing-sessions-bench-{os.getpid()}.log"
+    node = f"bench-{os.getpid()}"
     process = subprocess.Popen(
         [
-            # The production command (README): Celery's worker without Celery's CLI plugins.
             str(Path(sys.executable).with_name("writing-sessions")),
             "worker",
+            *args,
             "-P",
-            options.pool,
+            pool,
             "-c",
-            str(options.concurrency),
+            str(concurrency),
             "-n",
-            f"bench-{os.getpid()}@%h",
+            f"{node}@%h",
             "-l",
             "WARNING",
             "--without-mingle",
             "--without-gossip",
         ],
+        cwd=cwd,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if not wait:
+        return process
     from worker.app import app
 
     deadline = time.monotonic() + 60
-    while not app.control.ping(
-        destination=[f"bench-{os.getpid()}@{os.uname().nodename}"], timeout=0.5
-    ):
+    while not app.control.ping(destination=[f"{node}@{os.uname().nodename}"], timeout=0.5):
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the bench worker did not start; see {log}")
     return process
 
 
-def _stop_worker(process: subprocess.Popen[bytes]) -> None:
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown (SIGTERM), then SIGKILL of its process group after 60 s."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(60)
