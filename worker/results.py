@@ -6,7 +6,7 @@ a decode in Python, then the write. With one `save` per message that read was a 
 worker's time. Here the same rule runs inside Redis as one script, which also closes the gap
 between the read and the write that Celery's version leaves open.
 
-Chosen by `override_backends` in celeryconfig.py for redis:// result backends.
+Chosen for redis:// result backends by the loader's `override_backends` (worker/app.py).
 """
 
 from __future__ import annotations

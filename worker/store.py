@@ -189,9 +189,7 @@ _JSON_FIELDS = {
 }
 
 
-def _upsert(
-    db: Session, rows: Sequence[Row], now: datetime, keep_started_at: bool
-) -> list[Outcome]:
+def _upsert(db: Session, rows: list[Row], now: datetime, keep_started_at: bool) -> list[Outcome]:
     """One upsert statement for rows of distinct ids; returns each one's outcome, in order.
 
     now: the time of the write, in created_at and updated_at, and in started_at where a row
@@ -203,7 +201,7 @@ def _upsert(
             # multi-row VALUES list, and pydantic writes that JSON faster than Python builds rows.
             # Its UTF-8 bytes are quoted as they are (the engine's client_encoding is UTF-8):
             # decoding them for psycopg2 to encode again cost a copy twice their size.
-            rows_json = QuotedString(_rows_json.dump_json(list(rows)))
+            rows_json = QuotedString(_rows_json.dump_json(rows))
             params = {"rows": rows_json, "now": now}
             result = db.execute(_upsert_statement("postgresql", keep_started_at), params)
             written = {id: (CREATED if inserted else UPDATED, rev) for id, rev, inserted in result}
