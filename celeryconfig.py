@@ -1,9 +1,14 @@
-"""Celery settings for writing-sessions, taken from `worker.settings`; each says why."""
+"""Celery settings for writing-sessions, taken from `worker.settings`; each says why.
 
-from worker.settings import settings
+Every lowercase name here is a Celery setting, printed by `celery inspect conf`, `celery report`
+and Flower, which mask only the keys Celery knows: anything else (imports, helpers) starts with
+an underscore, which Celery leaves out.
+"""
 
-broker_url = settings.broker_url
-result_backend = settings.result_backend
+from worker.settings import settings as _settings
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
 
 # JSON only: producers in any language can speak it, and no serializer that can run code
 # on load is accepted from the broker.
@@ -27,15 +32,15 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 broker_connection_retry_on_startup = True
 
 # Time limits below the visibility timeout, so Redis never redelivers a task still running.
-task_time_limit = min(settings.task_time_limit, max(1, settings.visibility_timeout // 2))
+task_time_limit = min(_settings.task_time_limit, max(1, _settings.visibility_timeout // 2))
 task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
 
 # Redis: an unacknowledged message comes back after the visibility timeout. kombu only sweeps
 # the unacked set every unacked_restore_interval x unacked_restore_throttle seconds (100 s by
 # default), so sweep every interval and keep the interval short next to the timeout.
 _redis_transport_options = {
-    "visibility_timeout": settings.visibility_timeout,
-    "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+    "visibility_timeout": _settings.visibility_timeout,
+    "unacked_restore_interval": max(1, min(10, _settings.visibility_timeout // 4)),
     "unacked_restore_throttle": 1,
 }
 # The embedded broker (kombu's SQLAlchemy transport) passes its options to create_engine:
@@ -43,13 +48,15 @@ _redis_transport_options = {
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
 # kombu's Redis transport, with a fix that keeps a worker alive when Redis restarts while messages
 # are unacknowledged (see worker/broker.py). rediss:// keeps kombu's own (TLS set-up by scheme).
-broker_transport = "worker.broker:Transport" if settings.broker_url.startswith("redis://") else None
+broker_transport = (
+    "worker.broker:Transport" if _settings.broker_url.startswith("redis://") else None
+)
 broker_transport_options = (
     _sqlite_transport_options
-    if settings.broker_url.startswith("sqla+")
+    if _settings.broker_url.startswith("sqla+")
     else _redis_transport_options
 )
-result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 database_engine_options = {"connect_args": {"timeout": 30}}
 
 # Retry publishing when the broker blips, so a producer's send is not lost to a restart.

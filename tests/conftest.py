@@ -249,6 +249,7 @@ def start_worker(
         args: tuple[str, ...] = (),
         base_env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        loglevel: str = "INFO",
     ) -> WorkerProcess:
         node = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:6]}@%h"
         log_path = tmp_path / f"worker-{len(workers) + 1}.log"
@@ -266,7 +267,7 @@ def start_worker(
                     "-n",
                     node,
                     "-l",
-                    "INFO",
+                    loglevel,
                     "--without-mingle",
                     "--without-gossip",
                     *args,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,9 +13,13 @@ from worker.errors import ConfigurationError
 VAR_DIR = Path("var")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
-    """Everything the service reads from its environment, validated."""
+    """Everything the service reads from its environment, validated.
+
+    Its repr (and str) masks every password, so no log line, error or banner that prints the
+    settings can show one.
+    """
 
     database_url: str
     broker_url: str
@@ -32,6 +36,16 @@ class Settings:
     def embedded(self) -> bool:
         """True when the database is the server-less SQLite default."""
         return self.database_url.startswith("sqlite")
+
+    def __repr__(self) -> str:
+        shown = {field.name: getattr(self, field.name) for field in fields(self)}
+        for name in ("database_url", "broker_url", "result_backend"):
+            shown[name] = mask_url(shown[name]) or shown[name]
+        if self.flower_basic_auth:
+            # Flower takes a comma-separated list of user:password pairs.
+            users = (pair.partition(":")[0] for pair in self.flower_basic_auth.split(","))
+            shown["flower_basic_auth"] = ",".join(f"{user}:***" for user in users)
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
 
 def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
