@@ -35,19 +35,22 @@ broker_connection_retry_on_startup = True
 task_time_limit = min(_settings.task_time_limit, max(1, _settings.visibility_timeout // 2))
 task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
 
-# Redis: an unacknowledged message comes back after the visibility timeout. kombu only sweeps
-# the unacked set every unacked_restore_interval x unacked_restore_throttle seconds (100 s by
-# default), so sweep every interval and keep the interval short next to the timeout.
+# Redis: a dead worker's messages come back by heartbeat within consumer_heartbeat_timeout
+# seconds (worker/broker.py). The visibility timeout is the backstop for a live worker whose
+# task overruns (and for workers on kombu's stock transport); kombu sweeps for it only every
+# unacked_restore_interval x unacked_restore_throttle seconds, so sweep every interval.
 _redis_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
     "unacked_restore_interval": max(1, min(10, _settings.visibility_timeout // 4)),
     "unacked_restore_throttle": 1,
+    "consumer_heartbeat_interval": 2,
+    "consumer_heartbeat_timeout": 15,
 }
 # The embedded broker (kombu's SQLAlchemy transport) passes its options to create_engine:
 # let SQLite writers wait for each other instead of failing with "database is locked".
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
-# kombu's Redis transport, with a fix that keeps a worker alive when Redis restarts while messages
-# are unacknowledged (see worker/broker.py). rediss:// keeps kombu's own (TLS set-up by scheme).
+# kombu's Redis transport, receiving in atomic batches, acknowledging in batches and recovering
+# a dead worker's messages by heartbeat (worker/broker.py).
 broker_transport = (
     "worker.broker:Transport" if _settings.broker_url.startswith("redis://") else None
 )

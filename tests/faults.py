@@ -96,9 +96,45 @@ class RabbitVhost:
     def delete(self) -> None:
         ctl("delete_vhost", self.name)
 
+    def unacknowledged(self, queue: str = "celery") -> int:
+        """Messages of `queue` delivered to a consumer and not yet acknowledged."""
+        listed = subprocess.run(
+            [
+                "rabbitmqctl",
+                "-q",
+                "list_queues",
+                "-p",
+                self.name,
+                "name",
+                "messages_unacknowledged",
+                "--no-table-headers",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for line in listed.splitlines():
+            name, _, count = line.partition("\t")
+            if name == queue:
+                return int(count)
+        return 0
+
 
 def ctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def held_by(client: Any, pid: int) -> int:
+    """Messages recorded as unacknowledged by the worker (main process) `pid` (worker/broker.py
+    tags them `<host>:<pid>:<channel>.<n>`)."""
+    pattern = f"{socket.gethostname()}:{pid}:*"
+    return sum(1 for _ in client.hscan_iter("unacked", match=pattern, count=1000))
+
+
+def duplicates(*logs: str) -> int:
+    """Task runs that found their message already written (a redelivered copy)."""
+    return sum(log.count("outcome=duplicate") for log in logs)
 
 
 def kill9(pid: int) -> None:

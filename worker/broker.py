@@ -1,84 +1,475 @@
-"""kombu's Redis transport with two fixes for a Redis that restarts under load, and one for speed.
+"""kombu's Redis transport, receiving in atomic batches and recovering a dead worker's messages.
 
-1. A message received while Redis goes away is still recorded. kombu takes a message off the
-queue (BRPOP) and then records it as unacknowledged (QoS.append, a second round trip,
-kombu/transport/redis.py). If Redis restarts between the two, the second step fails and the
-message exists nowhere. Here the second step is retried for up to UNACKED_RETRY_SECONDS, long
-enough for a restart, so the message is recorded (and later acknowledged or restored). What no
-client can fix: a BRPOP whose reply Redis never sent before shutting down, or a kill -9 of the
-worker between the two steps; see the README's Guarantees (producers confirm).
+What kombu's transport (kombu/transport/redis.py, 5.7) does, and what this one does instead:
 
-2. A lost connection must not kill the worker. When Redis drops while a BRPOP is in flight,
-Celery's consumer (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`,
-since celery PR #10242) calls `connection.collect()`, which fails to close the default channel
-but sets the transport's `client` to None (kombu/connection.py, `_do_close_transport`), and then
-`connection.close()`, which closes that channel again: restoring its unacknowledged messages
-needs a new Redis pool, built in `Channel._connparams` from `self.connection.client.hostname`
--> AttributeError. That is not a connection error, nothing catches it, and the worker exits with
-"Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")" (about
-one Redis restart in eight under load).
-https://github.com/celery/kombu/blob/v5.7.0/kombu/transport/redis.py (Channel._connparams),
-https://github.com/celery/celery/pull/10242, https://github.com/celery/kombu/issues/582
+1. It receives in two steps, one message at a time: BRPOP takes a message off the queue, then
+   QoS.append records it as unacknowledged (a MULTI/EXEC carrying the whole message). A kill -9
+   of the worker between the two, or a Redis shutdown after a BRPOP whose reply never arrived,
+   loses the message (kombu#305, celery#7950, celery#4354). Here one Lua script takes up to the
+   consumer's free prefetch slots off the queue's lists and records each message in the same
+   call, so no message ever exists only in a worker's memory. On an empty queue the consumer
+   waits with BLMOVE of the queue's list onto itself (tail to tail), which leaves the message in
+   place, and fetches with the script as soon as it returns.
+2. It acknowledges each message in a MULTI/EXEC of its own. Here acknowledgements, rejects and
+   requeues are collected and sent in one pipeline on the next turn of the event loop (at most
+   SETTLE_SECONDS later) and before the channel closes. A crash before that redelivers; it
+   never loses.
+3. A dead worker's messages come back only after the visibility timeout (an hour). Here each
+   consuming channel keeps the tags it holds in a set of its own and refreshes a heartbeat
+   (Redis' clock) every `consumer_heartbeat_interval` seconds; any worker restores the messages
+   of a consumer silent for `consumer_heartbeat_timeout` seconds. The visibility-timeout sweep
+   stays, as the backstop for a live worker whose task overruns.
+4. A lost connection must not kill the worker: when Redis drops mid-read, Celery's consumer
+   (celery PR #10242) closes the connection twice, and the second close needs
+   `self.connection.client.hostname` of a transport whose client is already None ->
+   AttributeError, "Unrecoverable error" (kombu/transport/redis.py `Channel._connparams`,
+   kombu#582). Here a closed transport raises redis' ConnectionError, which every caller on that
+   path handles as "the broker is away".
+5. kombu builds a new redis.Redis around the same pool for every command; here one per pool.
 
-Here a closed transport raises redis' ConnectionError instead, which every caller on those paths
-already handles as "the broker is away". The unacknowledged messages stay in Redis' unacked set
-and come back through the visibility-timeout sweep, as after any other connection loss.
-3. One Redis client object per connection pool, not one per command (see Channel).
+Messages are recorded in kombu's own format (`unacked`: tag -> [message, exchange, routing key],
+`unacked_index`: tag -> time), so workers on kombu's stock transport sharing the Redis restore
+this transport's messages after the visibility timeout, and this transport restores theirs the
+same way. Producers, Flower and `celery inspect` see Celery's wire format unchanged.
+Needs Redis 6.2 or newer (BLMOVE, RPOP with a count); `global_keyprefix` is not supported.
 
-Remove this module once kombu checks for a closed transport itself.
+Delete this module when kombu's transport fetches atomically in batches (kombu#305) and
+recovers a dead consumer's messages by heartbeat.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import socket
 import time
+import uuid
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, suppress
+from queue import Empty
+from typing import Any, cast
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, ResponseError
 
 logger = logging.getLogger(__name__)
 
-UNACKED_RETRY_SECONDS = 30.0
+# Acknowledgements wait at most this long for the event loop's next turn.
+SETTLE_SECONDS = 0.05
+# A fetch asks for at most this many messages when the channel has no prefetch limit.
+UNLIMITED_FETCH = 100
+# After Redis refused a fetch (out of memory, say), wait this long before the next one.
+FETCH_BACKOFF_SECONDS = 1.0
+
+# Takes up to ARGV[1] messages off the lists KEYS[4..] (in that order) and records each as
+# unacknowledged in the same call: in the unacked hash KEYS[1] as kombu does ([message, "",
+# queue], so a restore puts it back on its queue), in the unacked index KEYS[2] at time ARGV[2],
+# and in this consumer's tag set KEYS[3]. Tags are ARGV[3] followed by a number from ARGV[4].
+# ARGV[5..] hold each list's JSON suffix (`,"",<queue>]`). Returns [list number, message, ...].
+FETCH = """
+local limit = tonumber(ARGV[1])
+local lists = #KEYS - 3
+local taken = {}
+local count = 0
+for i = 1, lists do
+    if count >= limit then break end
+    local items = redis.call('RPOP', KEYS[3 + i], limit - count)
+    if items then
+        for _, item in ipairs(items) do
+            local tag = ARGV[3] .. (tonumber(ARGV[4]) + count)
+            count = count + 1
+            redis.call('HSET', KEYS[1], tag, '[' .. item .. ARGV[4 + i])
+            redis.call('ZADD', KEYS[2], ARGV[2], tag)
+            redis.call('SADD', KEYS[3], tag)
+            taken[#taken + 1] = i
+            taken[#taken + 1] = item
+        end
+    end
+end
+return taken
+"""
+
+# Requeues message ARGV[2] with tag ARGV[1] onto list KEYS[4] (at its head if ARGV[3] is 1, the
+# end consumed last; at its tail otherwise), unless someone else already restored or
+# acknowledged it: the unacked hash entry is the claim.
+REQUEUE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+if ARGV[3] == '1' then
+    redis.call('LPUSH', KEYS[4], ARGV[2])
+else
+    redis.call('RPUSH', KEYS[4], ARGV[2])
+end
+return 1
+"""
+
+# Refreshes consumer ARGV[1]'s heartbeat (unless it is empty) in the sorted set KEYS[1], by
+# Redis' clock, and returns the consumers silent for more than ARGV[2] seconds.
+HEARTBEAT = """
+local now = redis.call('TIME')
+local seconds = tonumber(now[1]) + tonumber(now[2]) / 1000000
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], seconds, ARGV[1]) end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seconds - tonumber(ARGV[2]))
+"""
+
+# Forgets consumer ARGV[1] (heartbeats KEYS[1], tag set KEYS[2]) once the tags ARGV[2..] are
+# restored, unless it recorded new ones meanwhile (then it is alive after all).
+FORGET = """
+if #ARGV > 1 then redis.call('SREM', KEYS[2], unpack(ARGV, 2)) end
+if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 class QoS(kombu_redis.QoS):
-    """Records a received message as unacknowledged, retrying while Redis is restarting."""
+    """Unacknowledged-message bookkeeping for messages the fetch script already recorded."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        deadline = time.monotonic() + UNACKED_RETRY_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                super().append(message, delivery_tag)
-                return
-            except (RedisConnectionError, RedisTimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning(
-                    "broker unavailable while recording message %s as unacknowledged; "
-                    "retrying in %.2fs",
-                    delivery_tag,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        if self.channel.take_recorded(delivery_tag):
+            virtual.QoS.append(self, message, delivery_tag)  # recorded in Redis by the fetch
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        self.channel.settle_later(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            # At the head of the list: consumed after what is already waiting (kombu's order).
+            self.channel.settle_later(delivery_tag, self._delivered[delivery_tag], leftmost=True)
+        else:
+            self.channel.settle_later(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """Put every message still held back on its queue (warm shutdown, channel close)."""
+        self._flush()
+        held = list(self._delivered.items())
+        self._delivered.clear()
+        # Newest first onto the tail, so that the oldest is consumed first again.
+        for tag, message in reversed(held):
+            self.channel.settle_later(tag, message, leftmost=False)
+        try:
+            self.channel.flush_settlements()
+        except self.channel.connection_errors as exc:
+            logger.warning(
+                "could not return %d message(s) to the queue (%s); they stay recorded in Redis "
+                "and come back within %s s by heartbeat",
+                len(held),
+                exc,
+                self.channel.consumer_heartbeat_timeout,
+            )
 
 
 class Channel(kombu_redis.Channel):
-    """Redis channel with the QoS above, reporting a closed transport as a connection error."""
+    """A Redis channel that fetches in atomic batches, settles in batches, heartbeats."""
 
     QoS = QoS
+
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it as fixed-length
+        *kombu_redis.Channel.from_transport_options,
+        "consumer_heartbeat_interval",
+        "consumer_heartbeat_timeout",
+    )
+    #: Seconds between two heartbeats of a consuming channel.
+    consumer_heartbeat_interval = 2.0
+    #: A consumer silent for this long is dead: its messages go back on their queues.
+    consumer_heartbeat_timeout = 15.0
+
     _pooled_client: Any = None
+    _consumer_id: str | None = None
+    #: What the command in flight on the consuming connection is: "fetch", "wait" or None.
+    _pending: str | None = None
+    _pending_lists: tuple[str, ...] = ()
+    _pending_first_tag = 0
+    _pending_limit = 0
+    _wait_next = False
+    _fetch_after = 0.0
+    _heartbeat_due = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.global_keyprefix or not self.ack_emulation:
+            raise ValueError("worker.broker needs ack_emulation and no global_keyprefix")
+        self._settlements: deque[tuple[str, Any, bool]] = deque()
+        self._recorded: dict[str, str] = {}
+        self._sources: dict[str, str] = {}
+        self._tag_numbers = itertools.count(1)
+        self._scripts: dict[str, Any] = {}
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    @property
+    def consumer_id(self) -> str:
+        """This channel's name in the heartbeats, made on its first fetch."""
+        if self._consumer_id is None:
+            self._consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        return self._consumer_id
+
+    def _owner_key(self, consumer_id: str) -> str:
+        return f"{self.unacked_key}_by:{consumer_id}"
+
+    @property
+    def _heartbeats_key(self) -> str:
+        return f"{self.unacked_key}_heartbeats"
+
+    def _lists(self, queues: list[str]) -> list[str]:
+        # kombu's BRPOP order: every queue's highest priority first.
+        return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+
+    def _fetch_args(self, lists: list[str], limit: int) -> tuple[list[Any], int]:
+        first = next(self._tag_numbers)
+        # Reserve the numbers this fetch may use; the rest of the range is simply skipped.
+        self._tag_numbers = itertools.count(first + limit)
+        owner = self._owner_key(self.consumer_id)
+        keys = [self.unacked_key, self.unacked_index_key, owner, *lists]
+        suffixes = [f',"",{dumps(self._queue_of(key))}]' for key in lists]
+        args = [limit, time.time(), f"{self.consumer_id}.", first, *suffixes]
+        return [len(keys), *keys, *args], first
+
+    def _queue_of(self, key: str) -> str:
+        return key.rsplit(self.sep, 1)[0] if self.sep in key else key
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues or time.monotonic() < self._fetch_after:
+            return
+        lists = self._lists(queues)
+        connection = self.client.connection
+        free = self.qos.can_consume_max_estimate()
+        if self._wait_next:
+            timeout = self.brpop_timeout if timeout is None else timeout
+            connection.send_command("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT", timeout or 0)
+            self._pending = "wait"
+        elif free is not None and free < self.qos.prefetch_count // 2:
+            # The queue had more than the last fetch took, and over half of the prefetch is
+            # still held: fetch again once half of it is free, a batch per round trip.
+            return
+        else:
+            limit = UNLIMITED_FETCH if free is None else free
+            args, first = self._fetch_args(lists, limit)
+            connection.send_command("EVALSHA", self._script_sha("fetch", FETCH), *args)
+            self._pending, self._pending_lists = "fetch", tuple(lists)
+            self._pending_first_tag, self._pending_limit = first, limit
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        pending, self._pending = self._pending, None
+        try:
+            if pending is None:
+                # Nothing was asked: the server closed the idle connection. Reconnect later.
+                self.client.connection.disconnect()
+                raise Empty()
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "BLMOVE" if pending == "wait" else "EVALSHA", **options
+                )
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                self._scripts.clear()  # Redis restarted: load the scripts again
+                raise Empty() from None
+            except ResponseError as exc:
+                logger.warning("Redis refused to hand out messages, retrying in 1 s: %s", exc)
+                self._fetch_after = time.monotonic() + FETCH_BACKOFF_SECONDS
+                raise Empty() from None
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu sets None, types bool
+            self._flush_brpop_reauth()
+        if pending == "wait":
+            self._wait_next = False  # a message arrived, or the wait timed out: fetch now
+            raise Empty()
+        if not reply:
+            self._wait_next = True
+            raise Empty()
+        # Fewer than asked for: the queue is empty now, so wait for the next message.
+        self._wait_next = len(reply) // 2 < self._pending_limit
+        self._deliver_fetched(reply)
+        return True
+
+    def _deliver_fetched(self, reply: list[Any]) -> None:
+        lists, first = self._pending_lists, self._pending_first_tag
+        taken = [
+            (
+                f"{self.consumer_id}.{first + n}",
+                self._queue_of(lists[int(reply[2 * n]) - 1]),
+                reply[2 * n + 1],
+            )
+            for n in range(len(reply) // 2)
+        ]
+        for tag, queue, _ in taken:
+            self._recorded[tag] = queue
+        for index, (tag, queue, raw) in enumerate(taken):
+            try:
+                payload = loads(bytes_to_str(raw))
+                payload["properties"]["delivery_tag"] = tag
+            except (ValueError, TypeError, KeyError):
+                self._drop(tag, raw)
+                continue
+            self._sources[tag] = queue
+            self._queue_cycle.rotate(queue)
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                if self.take_recorded(tag):
+                    self._drop(tag, raw)  # it never reached the QoS: the message is broken
+                # The rest go back on their queue at once; the error goes to the event loop.
+                for rest_tag, rest_queue, rest_raw in taken[index + 1 :]:
+                    self._recorded.pop(rest_tag, None)
+                    self._sources[rest_tag] = rest_queue
+                    self.settle_later(rest_tag, loads(bytes_to_str(rest_raw)), leftmost=False)
+                raise
+
+    def _drop(self, tag: str, raw: Any) -> None:
+        logger.error("dropping a message that kombu cannot read: %.200r", raw)
+        self._recorded.pop(tag, None)
+        self._sources.pop(tag, None)
+        self.settle_later(tag)
+
+    def take_recorded(self, tag: str) -> bool:
+        """Whether `tag` came from a fetch (already recorded in Redis); forgets it."""
+        return self._recorded.pop(tag, None) is not None
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        # basic_get (no event loop): one message, fetched and recorded atomically.
+        args, first = self._fetch_args(self._lists([queue]), 1)
+        with self.conn_or_acquire() as client:
+            reply = self._evalsha(client, "fetch", FETCH, args)
+        if not reply:
+            raise Empty()
+        tag = f"{self.consumer_id}.{first}"
+        self._recorded[tag] = self._sources[tag] = queue
+        payload = loads(bytes_to_str(reply[1]))
+        payload["properties"]["delivery_tag"] = tag
+        return payload
+
+    # -- settling ---------------------------------------------------------------------------
+
+    def settle_later(self, tag: str, message: Any = None, leftmost: bool = False) -> None:
+        """Acknowledge `tag` (or requeue `message`) with the next batch; thread-safe."""
+        self._settlements.append((tag, message, leftmost))
+
+    def flush_settlements(self) -> None:
+        """Send every pending acknowledgement and requeue in one pipeline."""
+        if not self._settlements:
+            return
+        batch = []
+        while self._settlements:
+            batch.append(self._settlements.popleft())
+        acked = [tag for tag, message, _ in batch if message is None]
+        owner = self._owner_key(self.consumer_id)
+        try:
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                if acked:
+                    pipe.hdel(self.unacked_key, *acked)
+                    pipe.zrem(self.unacked_index_key, *acked)
+                    pipe.srem(owner, *acked)
+                for tag, message, leftmost in batch:
+                    if message is not None:
+                        payload = message if isinstance(message, dict) else message._raw
+                        self._requeue(pipe, owner, tag, payload, leftmost)
+                pipe.execute()
+        except BaseException:
+            # Every step is idempotent: keep the batch for the next attempt.
+            self._settlements.extendleft(reversed(batch))
+            raise
+        for tag, _, _ in batch:
+            self._sources.pop(tag, None)
+
+    def _requeue(self, pipe: Any, owner: str, tag: str, payload: dict, leftmost: bool) -> None:
+        queue = self._sources.get(tag) or payload["properties"]["delivery_info"].get("routing_key")
+        # As kombu marks a restored message (Channel._do_restore_message).
+        if isinstance(payload.get("headers"), dict):
+            payload["headers"]["redelivered"] = True
+        payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
+        key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+        keys = [self.unacked_key, self.unacked_index_key, owner, key]
+        args = [tag, dumps(payload), "1" if leftmost else "0"]
+        self._evalsha(pipe, "requeue", REQUEUE, [len(keys), *keys, *args])
+
+    def _script_sha(self, name: str, source: str) -> str:
+        sha = self._scripts.get(name)
+        if sha is None:
+            with self.conn_or_acquire() as client:
+                sha = self._scripts[name] = client.script_load(source)
+        return sha
+
+    def _evalsha(self, client: Any, name: str, source: str, args: list[Any]) -> Any:
+        sha = self._script_sha(name, source)
+        try:
+            return client.execute_command("EVALSHA", sha, *args)
+        except NoScriptError:
+            self._scripts.clear()
+            return client.execute_command("EVALSHA", self._script_sha(name, source), *args)
+
+    # -- heartbeats and recovery ------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Refresh this consumer's heartbeat and restore the messages of silent consumers."""
+        if time.monotonic() < self._heartbeat_due or not self.active_queues:
+            return
+        self._heartbeat_due = time.monotonic() + self.consumer_heartbeat_interval
+        with self.conn_or_acquire() as client:
+            dead = self._evalsha(
+                client,
+                "heartbeat",
+                HEARTBEAT,
+                [1, self._heartbeats_key, self.consumer_id, self.consumer_heartbeat_timeout],
+            )
+            if not dead:
+                return
+            # One restorer at a time (others skip this turn); each restore is atomic anyway.
+            try:
+                with kombu_redis.Mutex(
+                    client, f"{self.unacked_mutex_key}_heartbeats", self.unacked_mutex_expire
+                ):
+                    for consumer in dead:
+                        self._restore_consumer(client, bytes_to_str(consumer))
+            except kombu_redis.MutexHeld:
+                pass
+
+    def _restore_consumer(self, client: Any, consumer: str) -> None:
+        owner = self._owner_key(consumer)
+        tags = sorted(bytes_to_str(tag) for tag in client.smembers(owner))
+        for tag in tags:
+            self.qos.restore_by_tag(tag, client)
+        for start in range(0, max(len(tags), 1), 1000):
+            chunk = tags[start : start + 1000]
+            keys = [self._heartbeats_key, owner]
+            self._evalsha(client, "forget", FORGET, [len(keys), *keys, consumer, *chunk])
+        if tags:
+            logger.warning(
+                "restored %d message(s) of consumer %s, silent for over %s s",
+                len(tags),
+                consumer,
+                self.consumer_heartbeat_timeout,
+            )
+
+    def _forget_self(self) -> None:
+        if self._consumer_id is None:
+            return
+        with self.conn_or_acquire() as client:
+            owner = self._owner_key(self._consumer_id)
+            keys = [self._heartbeats_key, owner]
+            self._evalsha(client, "forget", FORGET, [len(keys), *keys, self._consumer_id])
+
+    # -- connection handling ----------------------------------------------------------------
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        # kombu builds a new redis.Redis around the same pool for every publish, acknowledgement
-        # and unacked-set update (a fifth of a busy worker's main process went to Redis.__init__).
-        # A client holds no connection of its own, so one per pool serves them all.
+        # A client holds no connection of its own: one per pool serves every command.
         if client is not None:
             yield client
             return
@@ -92,8 +483,56 @@ class Channel(kombu_redis.Channel):
             raise RedisConnectionError("the broker connection is closed")
         return super()._connparams(asynchronous=asynchronous)
 
+    def close(self) -> None:
+        if not self.closed:
+            self._closing = True
+            if self._in_poll:
+                with suppress(Empty):
+                    self._brpop_read()  # a fetch in flight: its messages are held now
+            try:
+                self.qos.restore_unacked_once()  # held messages back to their queues
+                self.flush_settlements()
+                self._forget_self()
+            except self.connection_errors as exc:
+                logger.debug("could not unregister consumer %s: %s", self._consumer_id, exc)
+        super().close()
+
+
+class MultiChannelPoller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, settling acknowledgements and heartbeating on every turn."""
+
+    _settle_tref: Any = None
+
+    def on_poll_start(self) -> None:
+        for channel in self._channels:
+            try:
+                channel.flush_settlements()
+                channel.heartbeat()
+            except channel.connection_errors:
+                logger.debug("broker away while settling; retrying next turn", exc_info=True)
+        super().on_poll_start()
+
+    def flush_settlements(self) -> None:
+        """Send acknowledgements made by other threads (threads pool) within SETTLE_SECONDS."""
+        for channel in self._channels:
+            try:
+                channel.flush_settlements()
+            except channel.connection_errors:
+                logger.debug("broker away while settling; retrying", exc_info=True)
+
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with the channel above."""
+    """kombu's Redis transport with the channel and poller above."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = MultiChannelPoller()  # type: ignore[assignment]  # kombu: its own type
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        cycle = cast(MultiChannelPoller, self.cycle)
+        if cycle._settle_tref is not None:
+            cycle._settle_tref.cancel()  # from an earlier connection
+        cycle._settle_tref = loop.call_repeatedly(SETTLE_SECONDS, cycle.flush_settlements)

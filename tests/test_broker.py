@@ -1,0 +1,326 @@
+"""The Redis transport (worker/broker.py): atomic batch fetch, batched acks, heartbeat recovery.
+
+Each test talks to a private redis-server of its own, so that the command counts it reads from
+`INFO commandstats` are its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from tests.conftest import ROOT, wait_for
+from tests.faults import PrivateRedis
+
+QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    private = PrivateRedis(directory)
+    yield private
+    private.stop()
+
+
+def ours(url: str, **options: Any) -> Connection:
+    return Connection(url, transport="worker.broker:Transport", transport_options=options)
+
+
+def stock(url: str, **options: Any) -> Connection:
+    return Connection(url, transport_options=options)
+
+
+def publish(url: str, count: int, priority: int = 0) -> list[str]:
+    """Publish `count` messages with kombu's stock transport, as any producer does."""
+    bodies = [f"message {n} {uuid.uuid4().hex[:6]}" for n in range(count)]
+    with stock(url) as connection:
+        producer = Producer(connection)
+        for body in bodies:
+            producer.publish(
+                body,
+                exchange=QUEUE.exchange,
+                routing_key="jobs",
+                declare=[QUEUE],
+                priority=priority,
+                serializer="json",
+            )
+    return bodies
+
+
+def calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+
+
+def called(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        name: after[name] - before.get(name, 0)
+        for name in after
+        if after[name] != before.get(name, 0)
+    }
+
+
+class Received:
+    """The messages a consumer got, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def __call__(self, body: Any, message: Any) -> None:
+        self.messages.append(message)
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [message.decode() for message in self.messages]
+
+
+def drain(connection: Connection, until: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out draining"
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=0.5)
+
+
+def test_one_script_call_takes_a_batch_and_records_every_message_of_it(server):
+    bodies = publish(server.url, 10)
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=8, accept=["json"]),
+    ):
+        before = calls(client)
+        drain(connection, lambda: len(received.messages) >= 8)
+        during = calls(client)
+        held_in_redis = client.hlen("unacked")
+        waiting = client.llen("jobs")
+        owners = list(client.scan_iter("unacked_by:*"))
+        owned = client.scard(owners[0])
+
+    fetched = called(before, during)
+    assert received.bodies == bodies[:8]
+    # One script call (plus the consumer's first heartbeat, another script) popped all eight.
+    assert fetched.get("rpop") == 1 and fetched.get("hset") == 8
+    assert fetched.get("evalsha") == 2
+    assert not {"brpop", "multi", "exec"} & set(fetched)
+    assert (held_in_redis, waiting, len(owners), owned) == (8, 2, 1, 8)
+
+
+def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(server):
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+    # A 30 s wait: a message that arrives sooner is handed out by the wake-up, not a timeout.
+    with (
+        ours(server.url, polling_interval=30) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=4, accept=["json"]),
+    ):
+        connection.transport.brpop_timeout = 30
+        waiter = threading.Thread(target=drain, args=(connection, lambda: received.messages, 20))
+        waiter.start()
+        wait_for(lambda: any(c["cmd"] == "blmove" for c in client.client_list()), 10, "the wait")
+        waiting_before = client.llen("jobs")
+        sent_at = time.monotonic()
+        (body,) = publish(server.url, 1)
+        waiter.join(25)
+        woke_after = time.monotonic() - sent_at
+
+    assert received.bodies == [body]
+    assert waiting_before == 0
+    assert woke_after < 15
+    assert calls(client).get("brpop", 0) == 0
+
+
+def test_acknowledgements_of_a_batch_go_in_one_round_trip(server):
+    publish(server.url, 8)
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=8, accept=["json"]),
+    ):
+        drain(connection, lambda: len(received.messages) == 8)
+        before = calls(client)
+        for message in received.messages:
+            message.ack()
+        held_before_flush = client.hlen("unacked")
+        connection.transport.cycle.on_poll_start()
+        acked = called(before, calls(client))
+        held_after = client.hlen("unacked")
+
+    assert held_before_flush == 8
+    assert held_after == 0
+    assert acked.get("hdel") == 1 and acked.get("zrem") == 1 and acked.get("srem") == 1
+
+
+def test_closing_returns_held_messages_to_the_queue_in_their_order(server):
+    bodies = publish(server.url, 6)
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=6, accept=["json"]),
+    ):
+        drain(connection, lambda: len(received.messages) == 6)
+        for message in received.messages[:2]:
+            message.ack()
+    again = Received()
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[again], prefetch_count=6, accept=["json"]),
+    ):
+        drain(connection, lambda: len(again.messages) == 4)
+        redelivered = [m.delivery_info.get("redelivered") for m in again.messages]
+        for message in again.messages:
+            message.ack()
+
+    assert again.bodies == bodies[2:]
+    assert redelivered == [True] * 4
+    assert client.hlen("unacked") == 0
+    assert client.zcard("unacked_heartbeats") == 0
+    assert list(client.scan_iter("unacked_by:*")) == []
+
+
+def test_a_rejected_message_goes_back_to_the_end_of_its_queue(server):
+    bodies = publish(server.url, 3)
+    received = Received()
+
+    def reject_the_first_ack_the_rest(body: Any, message: Any) -> None:
+        received(body, message)
+        if len(received.messages) == 1:
+            message.reject(requeue=True)
+        else:
+            message.ack()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(
+            connection,
+            [QUEUE],
+            callbacks=[reject_the_first_ack_the_rest],
+            prefetch_count=1,
+            accept=["json"],
+        ),
+    ):
+        drain(connection, lambda: len(received.messages) == 4)
+
+    assert received.bodies == [bodies[0], bodies[1], bodies[2], bodies[0]]
+
+
+def test_higher_priority_lists_are_fetched_first(server):
+    low = publish(server.url, 2, priority=6)
+    high = publish(server.url, 2, priority=0)
+    received = Received()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=4, accept=["json"]),
+    ):
+        drain(connection, lambda: len(received.messages) == 4)
+
+    assert received.bodies == high + low
+
+
+HOLDER = """
+import sys, time
+from kombu import Connection, Consumer, Exchange, Queue
+queue = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
+held = []
+with Connection(sys.argv[1], transport=sys.argv[2]) as connection:
+    with Consumer(connection, [queue], callbacks=[lambda b, m: held.append(m)],
+                  prefetch_count=int(sys.argv[3]), accept=["json"]):
+        while len(held) < int(sys.argv[3]):
+            try:
+                connection.drain_events(timeout=1)
+            except TimeoutError:
+                pass
+        print("holding", flush=True)
+        time.sleep(600)
+"""
+
+
+def hold_and_die(url: str, transport: str, count: int) -> None:
+    """A consumer process that takes `count` messages and is killed before acknowledging."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, url, transport, str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "holding"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+
+
+def test_a_dead_consumers_messages_come_back_by_heartbeat(server):
+    bodies = publish(server.url, 5)
+    hold_and_die(server.url, "worker.broker:Transport", 5)
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+    held_at_death = client.hlen("unacked")
+
+    with (
+        ours(
+            server.url, consumer_heartbeat_timeout=2, consumer_heartbeat_interval=0.5
+        ) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=10, accept=["json"]),
+    ):
+        started = time.monotonic()
+        drain(connection, lambda: len(received.messages) == 5, timeout=20)
+        back_after = time.monotonic() - started
+        for message in received.messages:
+            message.ack()
+        connection.transport.cycle.on_poll_start()
+
+    assert held_at_death == 5
+    assert sorted(received.bodies) == sorted(bodies)
+    assert back_after < 10
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_heartbeats") == 0
+
+
+@pytest.mark.parametrize(
+    ("dies", "restores"),
+    [("worker.broker:Transport", "redis"), ("redis", "worker.broker:Transport")],
+    ids=["stock restores ours", "ours restores stock"],
+)
+def test_a_mixed_fleet_restores_each_others_messages_after_the_visibility_timeout(
+    server, dies, restores
+):
+    bodies = publish(server.url, 4)
+    hold_and_die(server.url, dies, 4)
+    received = Received()
+
+    client = redis.Redis.from_url(server.url)
+    options = {"visibility_timeout": 1, "unacked_restore_throttle": 1}
+    with Connection(server.url, transport=restores, transport_options=options) as connection:
+        qos = connection.default_channel.qos
+
+        def restored() -> bool:
+            qos.restore_visible()  # what the worker's sweep calls every few seconds
+            return client.llen("jobs") == 4
+
+        wait_for(restored, 10, "the visibility-timeout sweep to restore the four", interval=0.2)
+        with Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=4, accept=["json"]):
+            drain(connection, lambda: len(received.messages) == 4)
+
+    assert sorted(received.bodies) == sorted(bodies)

@@ -1,0 +1,105 @@
+"""The Celery and kombu internals this project overrides are still the ones it was written for.
+
+worker/broker.py, worker/consumer.py and worker/results.py subclass kombu and Celery classes and
+replace some of their methods. pyproject.toml pins the versions they were written for; when
+the pins move, these tests say which overridden method changed, so that its override is read
+again against the new code before anything ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+
+import pytest
+
+# (module:Class.method, signature, first 16 hex digits of the sha256 of its source)
+OVERRIDDEN = [
+    ("kombu.transport.redis:QoS.append", "(self, message, delivery_tag)", "35c655f6ecc62fe6"),
+    ("kombu.transport.redis:QoS.ack", "(self, delivery_tag)", "1bc15a4ddf541af6"),
+    ("kombu.transport.redis:QoS.reject", "(self, delivery_tag, requeue=False)", "747a02434344d1a6"),
+    ("kombu.transport.redis:QoS.restore_unacked", "(self, client=None)", "8954efef014d546e"),
+    ("kombu.transport.redis:Channel._brpop_start", "(self, timeout=None)", "06723d707ddf2240"),
+    ("kombu.transport.redis:Channel._brpop_read", "(self, **options)", "c42518699709f2df"),
+    ("kombu.transport.redis:Channel._get", "(self, queue)", "be26a9f1eb4cf8da"),
+    ("kombu.transport.redis:Channel.conn_or_acquire", "(self, client=None)", "25883caca6c4121e"),
+    ("kombu.transport.redis:Channel._connparams", "(self, asynchronous=False)", "e9a4295085a8fb90"),
+    ("kombu.transport.redis:Channel.close", "(self)", "101e9b9cdad44b88"),
+    ("kombu.transport.redis:MultiChannelPoller.on_poll_start", "(self)", "414f76caaa675bc0"),
+    ("kombu.transport.redis:Transport.__init__", "(self, *args, **kwargs)", "4fc30e8fa54df374"),
+    (
+        "kombu.transport.redis:Transport.register_with_event_loop",
+        "(self, connection, loop)",
+        "4b835642e4a99425",
+    ),
+    (
+        "celery.worker.consumer.consumer:Consumer.on_send_event_buffered",
+        "(self)",
+        "0429cadc8bf9dc54",
+    ),
+    ("celery.worker.consumer.consumer:Consumer.shutdown", "(self)", "a081dc7db4a98b33"),
+    (
+        "celery.backends.redis:RedisBackend._store_result",
+        "(self, task_id, result, state, traceback=None, request=None, **kwargs)",
+        "c0214af4c66e2999",
+    ),
+]
+
+# Internals the overrides call or read: each must still exist with this signature.
+USED = [
+    ("kombu.transport.virtual.base:QoS.append", "(self, message, delivery_tag)"),
+    ("kombu.transport.virtual.base:QoS.ack", "(self, delivery_tag)"),
+    ("kombu.transport.virtual.base:QoS._flush", "(self)"),
+    ("kombu.transport.virtual.base:QoS.can_consume_max_estimate", "(self)"),
+    ("kombu.transport.virtual.base:QoS.restore_unacked_once", "(self, stderr=None)"),
+    ("kombu.transport.redis:QoS.restore_by_tag", "(self, tag, client=None, leftmost=False)"),
+    ("kombu.transport.redis:Channel._q_for_pri", "(self, queue, pri)"),
+    ("kombu.transport.redis:Channel._get_message_priority", "(self, message, reverse=False)"),
+    ("kombu.transport.redis:Channel._flush_brpop_reauth", "(self)"),
+    ("kombu.transport.redis:Channel._create_client", "(self, asynchronous=False)"),
+    ("kombu.transport.redis:Transport._deliver", "(self, message, queue)"),
+    ("kombu.transport.redis:MultiChannelPoller._register_BRPOP", "(self, channel)"),
+    ("kombu.transport.redis:Mutex", "(client, name, expire)"),
+    ("celery.worker.consumer.consumer:Consumer._flush_events", "(self)"),
+    (
+        "celery.backends.redis:RedisBackend._get_result_meta",
+        "(self, result, state, traceback, request, format_date=True, encode=False)",
+    ),
+    ("celery.backends.redis:RedisBackend.ensure", "(self, fun, args, **policy)"),
+    ("celery.backends.redis:RedisBackend.get_key_for_task", "(self, task_id, key='')"),
+]
+
+
+def resolve(path: str) -> object:
+    module_name, _, qualname = path.partition(":")
+    found: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            pytest.fail(f"{path} is gone: a project override relies on it; read the override again")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("path", "signature", "digest"), OVERRIDDEN, ids=[o[0] for o in OVERRIDDEN]
+)
+def test_an_overridden_method_is_the_one_the_override_was_written_for(path, signature, digest):
+    method = resolve(path)
+    source = inspect.getsource(method)  # type: ignore[arg-type]
+
+    now = str(inspect.signature(method))  # type: ignore[arg-type]
+    changed = hashlib.sha256(source.encode()).hexdigest()[:16]
+
+    assert now == signature, f"{path} changed its signature from {signature} to {now}"
+    assert changed == digest, (
+        f"{path} changed upstream (source digest {changed}, was {digest}): read its override in "
+        "worker/ against the new code, then update this digest and the pins in pyproject.toml"
+    )
+
+
+@pytest.mark.parametrize(("path", "signature"), USED, ids=[u[0] for u in USED])
+def test_an_internal_the_overrides_call_still_has_its_signature(path, signature):
+    now = str(inspect.signature(resolve(path)))  # type: ignore[arg-type]
+
+    assert now == signature, f"{path} changed its signature from {signature} to {now}"
