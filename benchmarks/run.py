@@ -10,7 +10,9 @@ sides drain a pre-filled queue (rows/s from the first commit to the last):
 - `dramatiq`: the same job (the project's validation and upsert, one commit per message) under
   Dramatiq, N processes x 4 threads (benchmarks/dramatiq_side.py; pip install -e '.[bench]');
 - `celery floor`: the same worker and settings draining a task that does nothing
-  (benchmarks/celery_floor.py): the most any Celery `save` can reach here;
+  (benchmarks/celery_floor.py): the most any Celery `save` can reach here; also on kombu's
+  in-memory broker (no broker cost at all), and grouped (one pool job per group of what a
+  turn of the event loop delivered, no events or results) on Redis and in memory;
 - `save_many`: writing-sessions bench --prefill, batches of 1,000;
 - `psycopg2 loop`: one upsert and one commit per row, N processes;
 - `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
@@ -137,10 +139,10 @@ def bench(*args: str) -> dict:
     return last_json_line(CLI, "bench", "--json", "--start-worker", "--prefill", *args)
 
 
-def celery_floor(rows: int, concurrency: str, pool: str) -> float:
+def celery_floor(rows: int, concurrency: str, pool: str, *options: str) -> float:
     script = str(Path(__file__).parent / "celery_floor.py")
     figures = last_json_line(
-        sys.executable, script, "--count", str(rows), "-c", concurrency, "-P", pool
+        sys.executable, script, "--count", str(rows), "-c", concurrency, "-P", pool, *options
     )
     return float(figures["drain_messages_per_second"])
 
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--pool", default="prefork")
     options = parser.parse_args()
     c = str(options.concurrency)
+    grouped_rows = options.rows * 4  # a grouped drain is short: give it more to time
     figures: dict[str, list[float]] = {}
     for run in range(options.runs):
         save = bench("-c", c, "-P", options.pool, "--count", str(options.rows))
@@ -182,6 +185,22 @@ def main() -> None:
             "save rows/s": save["drain_rows_per_second"],
             "dramatiq rows/s": dramatiq_side(options.rows, options.concurrency),
             "celery no-op floor msgs/s": celery_floor(options.rows, c, options.pool),
+            "celery no-op in-memory msgs/s": celery_floor(
+                options.rows, c, options.pool, "--broker", "memory"
+            ),
+            "grouped no-op msgs/s": celery_floor(
+                grouped_rows, c, options.pool, "--grouped", "--prefetch-multiplier", "100"
+            ),
+            "grouped no-op in-memory msgs/s": celery_floor(
+                grouped_rows,
+                c,
+                options.pool,
+                "--grouped",
+                "--prefetch-multiplier",
+                "100",
+                "--broker",
+                "memory",
+            ),
             "save_many(1000) rows/s": many["drain_rows_per_second"],
             "psycopg2 loop rows/s": direct("loop", options.rows, options.concurrency),
             "psycopg2 batched rows/s": direct("batched", options.batch_rows, options.concurrency),
@@ -208,6 +227,14 @@ def main() -> None:
     print(
         f"  celery no-op floor / dramatiq         "
         f"{medians['celery no-op floor msgs/s'] / medians['dramatiq rows/s']:>10.3f}"
+    )
+    print(
+        f"  no-op floor: redis / in-memory        "
+        f"{medians['celery no-op floor msgs/s'] / medians['celery no-op in-memory msgs/s']:>10.3f}"
+    )
+    print(
+        f"  grouped no-op: redis / in-memory      "
+        f"{medians['grouped no-op msgs/s'] / medians['grouped no-op in-memory msgs/s']:>10.3f}"
     )
     print(
         f"  save / psycopg2 loop                  "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 from tests.conftest import ROOT, count_rows, run_cli
 
@@ -77,3 +78,35 @@ def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
         assert side in result.stdout
     assert "save_many / psycopg2 batched" in result.stdout
     assert count_rows(db) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--count", "300"),
+        ("--count", "300", "--broker", "memory"),
+        ("--count", "600", "--grouped", "--prefetch-multiplier", "100"),
+        ("--count", "600", "--grouped", "--prefetch-multiplier", "100", "--broker", "memory"),
+        ("--count", "300", "--profile"),
+    ],
+    ids=["redis", "memory", "grouped-redis", "grouped-memory", "profiled"],
+)
+def test_the_celery_floor_drains_every_message_and_reports_its_figures(env, redis_url, args):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "celery_floor.py"), "-c", "2", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["messages"] == int(args[1])
+    assert figures["drain_messages_per_second"] > 0
+    assert figures["main_cpu_us_per_message"] > 0
+    assert ("broker_share_of_main_samples" in figures) == ("--profile" in args)
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("celery") == 0 and client.hlen("unacked") == 0
+    client.close()

@@ -256,12 +256,19 @@ class _ConnectionSampler:
 
 
 def start_worker(
-    pool: str, concurrency: int, *args: str, cwd: Path | None = None, wait: bool = True
+    pool: str,
+    concurrency: int,
+    *args: str,
+    cwd: Path | None = None,
+    wait: bool = True,
+    loglevel: str = "INFO",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """`writing-sessions worker` (the production command, README) in a process group of its own.
 
     args: more worker options. wait: return once the worker answers a ping (60 s at most);
-    a caller timing the drain from the first message taken passes False.
+    a caller timing the drain from the first message taken passes False. loglevel: INFO, as
+    docker-compose runs it. env: variables to set on top of this process's environment.
     """
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"writing-sessions-bench-{os.getpid()}.log"
     node = f"bench-{os.getpid()}"
@@ -277,11 +284,12 @@ def start_worker(
             "-n",
             f"{node}@%h",
             "-l",
-            "WARNING",
+            loglevel,
             "--without-mingle",
             "--without-gossip",
         ],
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

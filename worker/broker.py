@@ -11,9 +11,9 @@ What kombu's transport (kombu/transport/redis.py, 5.7) does, and what this one d
    waits with BLMOVE of the queue's list onto itself (tail to tail), which leaves the message in
    place, and fetches with the script as soon as it returns.
 2. It acknowledges each message in a MULTI/EXEC of its own. Here acknowledgements, rejects and
-   requeues are collected and sent in one pipeline on the next turn of the event loop (at most
-   SETTLE_SECONDS later) and before the channel closes. A crash before that redelivers; it
-   never loses.
+   requeues are collected and sent in one pipeline every SETTLE_SECONDS (or as soon as
+   SETTLE_BATCH wait), and before the channel closes. A crash before that redelivers; it never
+   loses.
 3. A dead worker's messages come back only after the visibility timeout (an hour). Here each
    consuming channel keeps the tags it holds in a set of its own and refreshes a heartbeat
    (Redis' clock) every `consumer_heartbeat_interval` seconds; any worker restores the messages
@@ -60,8 +60,9 @@ from redis.exceptions import NoScriptError, ResponseError
 
 logger = logging.getLogger(__name__)
 
-# Acknowledgements wait at most this long for the event loop's next turn.
-SETTLE_SECONDS = 0.05
+# Acknowledgements wait at most this long, or until this many are waiting, to go out together.
+SETTLE_SECONDS = 0.01
+SETTLE_BATCH = 64
 # A fetch asks for at most this many messages when the channel has no prefetch limit.
 UNLIMITED_FETCH = 100
 # After Redis refused a fetch (out of memory, say), wait this long before the next one.
@@ -506,14 +507,16 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
     def on_poll_start(self) -> None:
         for channel in self._channels:
             try:
-                channel.flush_settlements()
+                # With an event loop a timer settles every SETTLE_SECONDS; without one, here.
+                if self._settle_tref is None or len(channel._settlements) >= SETTLE_BATCH:
+                    channel.flush_settlements()
                 channel.heartbeat()
             except channel.connection_errors:
                 logger.debug("broker away while settling; retrying next turn", exc_info=True)
         super().on_poll_start()
 
     def flush_settlements(self) -> None:
-        """Send acknowledgements made by other threads (threads pool) within SETTLE_SECONDS."""
+        """Send the acknowledgements and requeues of every channel (the event loop's timer)."""
         for channel in self._channels:
             try:
                 channel.flush_settlements()
