@@ -5,6 +5,8 @@ and Flower, which mask only the keys Celery knows: anything else (imports, helpe
 an underscore, which Celery leaves out.
 """
 
+import ssl as _ssl
+
 from worker.settings import settings as _settings
 
 broker_url = _settings.broker_url
@@ -50,9 +52,19 @@ _redis_transport_options = {
 # let SQLite writers wait for each other instead of failing with "database is locked".
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
 # kombu's Redis transport, receiving in atomic batches, acknowledging in batches and recovering
-# a dead worker's messages by heartbeat (worker/broker.py).
+# a dead worker's messages by heartbeat (worker/broker.py), for redis:// and rediss:// alike.
 broker_transport = (
-    "worker.broker:Transport" if _settings.broker_url.startswith("redis://") else None
+    "worker.broker:Transport"
+    if _settings.broker_url.startswith(("redis://", "rediss://"))
+    else None
+)
+# kombu turns a bare rediss:// into TLS only for its own transport, and then without checking
+# the server's certificate. Say TLS here, checked against the system's CAs, unless the URL sets
+# ssl_cert_reqs (and ssl_ca_certs, ...) itself.
+broker_use_ssl = (
+    {"ssl_cert_reqs": _ssl.CERT_REQUIRED}
+    if _settings.broker_url.startswith("rediss://") and "ssl_cert_reqs=" not in _settings.broker_url
+    else None
 )
 broker_transport_options = (
     _sqlite_transport_options

@@ -7,6 +7,7 @@ Each test talks to a private redis-server of its own, so that the command counts
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -22,8 +23,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from tests.conftest import ROOT, wait_for
-from tests.faults import PrivateRedis
+from tests.conftest import ROOT, run_cli, service_env, wait_for
+from tests.faults import PrivateRedis, free_port
 
 QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
 
@@ -324,3 +325,130 @@ def test_a_mixed_fleet_restores_each_others_messages_after_the_visibility_timeou
             drain(connection, lambda: len(received.messages) == 4)
 
     assert sorted(received.bodies) == sorted(bodies)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking TLS only, with a certificate from a CA of the test's own."""
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=writing-sessions test CA",
+        ]
+    )
+    run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+    )
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ]
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(
+        host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(tmp_path / "ca.pem")
+    )
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_for(answers, 20, "the TLS Redis to answer")
+    client.close()
+    yield port, tmp_path / "ca.pem"
+    server.terminate()
+    server.wait(30)
+
+
+@pytest.mark.parametrize("bare_url", [False, True], ids=["url-with-ca", "bare-rediss-url"])
+def test_rediss_brokers_get_this_transport_over_verified_tls(
+    db, database_url, tls_redis, start_worker, bare_url
+):
+    port, ca = tls_redis
+    query = f"ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    broker_url = f"rediss://127.0.0.1:{port}/0" + ("" if bare_url else f"?{query}")
+    env = service_env(
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=broker_url,
+        CELERY_RESULT_BACKEND=f"rediss://127.0.0.1:{port}/1?{query}",
+        # A bare rediss:// URL is checked against the system's CAs: make ours one of them.
+        **({"SSL_CERT_FILE": str(ca)} if bare_url else {}),
+    )
+    start_worker(concurrency=1, base_env=env)
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca))
+
+    sent = run_cli("send", "--topic", "Over TLS", "--wait", env=env)
+    heartbeats = client.zcard("unacked_heartbeats")
+
+    assert '"outcome": "created"' in sent.stdout, sent.stderr
+    assert heartbeats == 1, "the worker must consume with worker/broker.py's transport"
+    client.close()
