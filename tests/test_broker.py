@@ -171,6 +171,30 @@ def test_acknowledgements_of_a_batch_go_in_one_round_trip(server):
     assert acked.get("hdel") == 1 and acked.get("zrem") == 1 and acked.get("srem") == 1
 
 
+def test_a_consumer_without_acknowledgements_leaves_nothing_recorded(server):
+    # Celery's control replies (inspect, ping) are consumed this way.
+    publish(server.url, 3)
+    client = redis.Redis.from_url(server.url)
+    received = Received()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[received], no_ack=True, accept=["json"]),
+    ):
+        drain(connection, lambda: len(received.messages) == 3)
+        connection.transport.cycle.on_poll_start()
+        connection.default_channel.flush_settlements()
+        held = client.hlen("unacked")
+        with ours(server.url) as other:
+            publish(server.url, 1)
+            got = other.default_channel.basic_get("jobs", no_ack=True)
+            other.default_channel.flush_settlements()
+            held_after_get = client.hlen("unacked")
+
+    assert len(received.messages) == 3 and got is not None
+    assert held == 0 and held_after_get == 0
+
+
 def test_closing_returns_held_messages_to_the_queue_in_their_order(server):
     bodies = publish(server.url, 6)
     client = redis.Redis.from_url(server.url)

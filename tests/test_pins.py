@@ -26,6 +26,16 @@ OVERRIDDEN = [
     ("kombu.transport.redis:Channel.conn_or_acquire", "(self, client=None)", "25883caca6c4121e"),
     ("kombu.transport.redis:Channel._connparams", "(self, asynchronous=False)", "e9a4295085a8fb90"),
     ("kombu.transport.redis:Channel.close", "(self)", "101e9b9cdad44b88"),
+    (
+        "kombu.transport.redis:Channel.basic_consume",
+        "(self, queue, *args, **kwargs)",
+        "34e0da85e689ff98",
+    ),
+    (
+        "kombu.transport.virtual.base:Channel.basic_get",
+        "(self, queue, no_ack=False, **kwargs)",
+        "ba4884c15b6bed6d",
+    ),
     ("kombu.transport.redis:MultiChannelPoller.on_poll_start", "(self)", "414f76caaa675bc0"),
     ("kombu.transport.redis:Transport.__init__", "(self, *args, **kwargs)", "4fc30e8fa54df374"),
     (

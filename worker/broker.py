@@ -203,6 +203,7 @@ class Channel(kombu_redis.Channel):
             raise ValueError("worker.broker needs ack_emulation and no global_keyprefix")
         self._settlements: deque[tuple[str, Any, bool]] = deque()
         self._recorded: dict[str, str] = {}
+        self._no_ack_queues: set[str] = set()
         self._sources: dict[str, str] = {}
         self._tag_numbers = itertools.count(1)
         self._scripts: dict[str, Any] = {}
@@ -322,6 +323,8 @@ class Channel(kombu_redis.Channel):
             self._queue_cycle.rotate(queue)
             try:
                 self.connection._deliver(payload, queue)
+                if queue in self._no_ack_queues:
+                    self._forget_on_delivery(tag)
             except BaseException:
                 if self.take_recorded(tag):
                     self._drop(tag, raw)  # it never reached the QoS: the message is broken
@@ -337,6 +340,26 @@ class Channel(kombu_redis.Channel):
         self._recorded.pop(tag, None)
         self._sources.pop(tag, None)
         self.settle_later(tag)
+
+    def _forget_on_delivery(self, tag: str) -> None:
+        # A consumer without acknowledgements (Celery's control replies) took the message:
+        # it is done with once delivered, so its record goes with the next settlement.
+        self._recorded.pop(tag, None)
+        self.settle_later(tag)
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs["no_ack"] if "no_ack" in kwargs else (args[0] if args else False)
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self._forget_on_delivery(message.delivery_tag)
+        return message
 
     def take_recorded(self, tag: str) -> bool:
         """Whether `tag` came from a fetch (already recorded in Redis); forgets it."""
