@@ -117,11 +117,41 @@ def test_one_script_call_takes_a_batch_and_records_every_message_of_it(server):
 
     fetched = called(before, during)
     assert received.bodies == bodies[:8]
-    # One script call (plus the consumer's first heartbeat, another script) popped all eight.
-    assert fetched.get("rpop") == 1 and fetched.get("hset") == 8
+    # One script call (plus the consumer's first heartbeat, another script) took all eight.
+    assert fetched.get("rpop") == 8 and fetched.get("hset") == 8
     assert fetched.get("evalsha") == 2
     assert not {"brpop", "multi", "exec"} & set(fetched)
     assert (held_in_redis, waiting, len(owners), owned) == (8, 2, 1, 8)
+
+
+def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(server, monkeypatch):
+    monkeypatch.setattr("worker.broker.HELD_BYTES", 4000)
+    client = redis.Redis.from_url(server.url)
+    with stock(server.url) as connection:
+        producer = Producer(connection)
+        for n in range(10):
+            producer.publish(
+                "x" * 1500 + str(n),
+                exchange=QUEUE.exchange,
+                routing_key="jobs",
+                declare=[QUEUE],
+                serializer="json",
+            )
+    held_at_each_delivery: list[int] = []
+
+    def note_and_ack(body: Any, message: Any) -> None:
+        held_at_each_delivery.append(client.hlen("unacked"))
+        message.ack()
+
+    with (
+        ours(server.url) as connection,
+        Consumer(connection, [QUEUE], callbacks=[note_and_ack], prefetch_count=10, accept=["json"]),
+    ):
+        drain(connection, lambda: len(held_at_each_delivery) == 10)
+
+    # About 1,800 bytes each: a fetch stops once 4,000 are taken, at three messages.
+    assert max(held_at_each_delivery) <= 3
+    assert client.llen("jobs") == 0
 
 
 def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(server):

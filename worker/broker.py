@@ -40,6 +40,7 @@ recovers a dead consumer's messages by heartbeat.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import socket
@@ -54,7 +55,7 @@ from typing import Any, cast
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -65,32 +66,35 @@ SETTLE_SECONDS = 0.01
 SETTLE_BATCH = 64
 # A fetch asks for at most this many messages when the channel has no prefetch limit.
 UNLIMITED_FETCH = 100
+# The messages a consumer holds (fetched, not yet settled) add up to about this many bytes at
+# most: a fetch stops there, and none starts above it. Small messages stop at the prefetch
+# count first; a queue of large save_many batches stops here.
+HELD_BYTES = 8 * 1024 * 1024
 # After Redis refused a fetch (out of memory, say), wait this long before the next one.
 FETCH_BACKOFF_SECONDS = 1.0
 
-# Takes up to ARGV[1] messages off the lists KEYS[4..] (in that order) and records each as
-# unacknowledged in the same call: in the unacked hash KEYS[1] as kombu does ([message, "",
-# queue], so a restore puts it back on its queue), in the unacked index KEYS[2] at time ARGV[2],
-# and in this consumer's tag set KEYS[3]. Tags are ARGV[3] followed by a number from ARGV[4].
-# ARGV[5..] hold each list's JSON suffix (`,"",<queue>]`). Returns [list number, message, ...].
+# Takes up to ARGV[1] messages, and once ARGV[5] bytes are taken no more, off the lists KEYS[4..]
+# (in that order), and records each as unacknowledged in the same call: in the unacked hash
+# KEYS[1] as kombu does ([message, "", queue], so that a restore puts it back on its queue), in
+# the unacked index KEYS[2] at time ARGV[2], and in this consumer's tag set KEYS[3]. Tags are
+# ARGV[3] followed by a number from ARGV[4]. ARGV[6..] hold each list's JSON suffix
+# (`,"",<queue>]`). Returns [list number, message, ...].
 FETCH = """
-local limit = tonumber(ARGV[1])
-local lists = #KEYS - 3
+local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[5])
 local taken = {}
-local count = 0
-for i = 1, lists do
-    if count >= limit then break end
-    local items = redis.call('RPOP', KEYS[3 + i], limit - count)
-    if items then
-        for _, item in ipairs(items) do
-            local tag = ARGV[3] .. (tonumber(ARGV[4]) + count)
-            count = count + 1
-            redis.call('HSET', KEYS[1], tag, '[' .. item .. ARGV[4 + i])
-            redis.call('ZADD', KEYS[2], ARGV[2], tag)
-            redis.call('SADD', KEYS[3], tag)
-            taken[#taken + 1] = i
-            taken[#taken + 1] = item
-        end
+local count, bytes = 0, 0
+for i = 1, #KEYS - 3 do
+    while count < limit and bytes < budget do
+        local item = redis.call('RPOP', KEYS[3 + i])
+        if not item then break end
+        local tag = ARGV[3] .. (tonumber(ARGV[4]) + count)
+        count = count + 1
+        bytes = bytes + #item
+        redis.call('HSET', KEYS[1], tag, '[' .. item .. ARGV[5 + i])
+        redis.call('ZADD', KEYS[2], ARGV[2], tag)
+        redis.call('SADD', KEYS[3], tag)
+        taken[#taken + 1] = i
+        taken[#taken + 1] = item
     end
 end
 return taken
@@ -128,6 +132,17 @@ if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
+
+
+def _envelope(raw: bytes) -> Any:
+    """A message's envelope (properties, headers, the encoded body) as kombu would read it.
+
+    Without kombu's object hook, which turns {"__type__": ...} markers back into datetimes and
+    the like: Celery writes none into an envelope (the body, where arguments are, is decoded
+    later by Celery with the hook), and the hook, called for every object, was a tenth of a
+    busy worker's main process.
+    """
+    return json.loads(raw)
 
 
 class QoS(kombu_redis.QoS):
@@ -203,6 +218,8 @@ class Channel(kombu_redis.Channel):
             raise ValueError("worker.broker needs ack_emulation and no global_keyprefix")
         self._settlements: deque[tuple[str, Any, bool]] = deque()
         self._recorded: dict[str, str] = {}
+        self._sizes: dict[str, int] = {}
+        self._held_bytes = 0
         self._no_ack_queues: set[str] = set()
         self._sources: dict[str, str] = {}
         self._tag_numbers = itertools.count(1)
@@ -235,7 +252,8 @@ class Channel(kombu_redis.Channel):
         owner = self._owner_key(self.consumer_id)
         keys = [self.unacked_key, self.unacked_index_key, owner, *lists]
         suffixes = [f',"",{dumps(self._queue_of(key))}]' for key in lists]
-        args = [limit, time.time(), f"{self.consumer_id}.", first, *suffixes]
+        budget = max(1, HELD_BYTES - self._held_bytes)
+        args = [limit, time.time(), f"{self.consumer_id}.", first, budget, *suffixes]
         return [len(keys), *keys, *args], first
 
     def _queue_of(self, key: str) -> str:
@@ -252,9 +270,11 @@ class Channel(kombu_redis.Channel):
             timeout = self.brpop_timeout if timeout is None else timeout
             connection.send_command("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT", timeout or 0)
             self._pending = "wait"
-        elif free is not None and free < self.qos.prefetch_count // 2:
-            # The queue had more than the last fetch took, and over half of the prefetch is
-            # still held: fetch again once half of it is free, a batch per round trip.
+        elif self._held_bytes >= HELD_BYTES or (
+            free is not None and free < self.qos.prefetch_count // 2
+        ):
+            # The queue had more than the last fetch took, and over half of the prefetch (or
+            # HELD_BYTES) is still held: fetch again once half of it is free, a batch per trip.
             return
         else:
             limit = UNLIMITED_FETCH if free is None else free
@@ -310,11 +330,13 @@ class Channel(kombu_redis.Channel):
             )
             for n in range(len(reply) // 2)
         ]
-        for tag, queue, _ in taken:
+        for tag, queue, raw in taken:
             self._recorded[tag] = queue
+            self._sizes[tag] = len(raw)
+            self._held_bytes += len(raw)
         for index, (tag, queue, raw) in enumerate(taken):
             try:
-                payload = loads(bytes_to_str(raw))
+                payload = _envelope(raw)
                 payload["properties"]["delivery_tag"] = tag
             except (ValueError, TypeError, KeyError):
                 self._drop(tag, raw)
@@ -332,7 +354,7 @@ class Channel(kombu_redis.Channel):
                 for rest_tag, rest_queue, rest_raw in taken[index + 1 :]:
                     self._recorded.pop(rest_tag, None)
                     self._sources[rest_tag] = rest_queue
-                    self.settle_later(rest_tag, loads(bytes_to_str(rest_raw)), leftmost=False)
+                    self.settle_later(rest_tag, _envelope(rest_raw), leftmost=False)
                 raise
 
     def _drop(self, tag: str, raw: Any) -> None:
@@ -374,7 +396,9 @@ class Channel(kombu_redis.Channel):
             raise Empty()
         tag = f"{self.consumer_id}.{first}"
         self._recorded[tag] = self._sources[tag] = queue
-        payload = loads(bytes_to_str(reply[1]))
+        self._sizes[tag] = len(reply[1])
+        self._held_bytes += len(reply[1])
+        payload = _envelope(reply[1])
         payload["properties"]["delivery_tag"] = tag
         return payload
 
@@ -411,6 +435,7 @@ class Channel(kombu_redis.Channel):
             raise
         for tag, _, _ in batch:
             self._sources.pop(tag, None)
+            self._held_bytes -= self._sizes.pop(tag, 0)
 
     def _requeue(self, pipe: Any, owner: str, tag: str, payload: dict, leftmost: bool) -> None:
         queue = self._sources.get(tag) or payload["properties"]["delivery_info"].get("routing_key")
