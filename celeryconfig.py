@@ -26,8 +26,11 @@ timezone = "UTC"
 # At-least-once: acknowledge after the task ran, and redeliver if the child running it dies.
 task_acks_late = True
 task_reject_on_worker_lost = True
-# Small bounded prefetch: a dying worker strands few messages, and a busy one hoards none.
-worker_prefetch_multiplier = 4
+# Messages waiting in a worker are what group commit writes together (worker/grouping.py): 64
+# per process lets each child take groups of up to 64 while the next ones arrive. A dead
+# worker's held messages come back by heartbeat within seconds (worker/broker.py), and the
+# transport holds about 8 MB of large messages at most, whatever the count.
+worker_prefetch_multiplier = 64
 # With late acks a lost broker connection redelivers running tasks; cancel ours rather than
 # let them finish as duplicates (writes are idempotent either way).
 worker_cancel_long_running_tasks_on_connection_loss = True

@@ -11,8 +11,12 @@ from worker.errors import InvalidPayloadError
 from worker.schemas import parse_batch, parse_delete, parse_writing_session
 from worker.task import WritingSessionsTask
 
+# Messages of save and delete waiting in a worker are written together (worker/grouping.py);
+# this function is each message's path when it runs alone (embedded broker, countdowns).
+GROUP_COMMIT = "worker.grouping:strategy"
 
-@app.task(name="writing_sessions.save", base=WritingSessionsTask)
+
+@app.task(name="writing_sessions.save", base=WritingSessionsTask, Strategy=GROUP_COMMIT)
 def save(writing_session: Any) -> dict[str, Any]:
     """Persist one writing session: created, updated, duplicate or stale by revision."""
     item = parse_writing_session(writing_session)
@@ -37,7 +41,7 @@ def save_many(self: WritingSessionsTask, writing_sessions: Any) -> dict[str, int
     return {**written.counts, "rejected": len(rejected)}
 
 
-@app.task(name="writing_sessions.delete", base=WritingSessionsTask)
+@app.task(name="writing_sessions.delete", base=WritingSessionsTask, Strategy=GROUP_COMMIT)
 def delete(id: Any, revision: Any) -> dict[str, Any]:
     """Erase a session to a tombstone: deleted, duplicate or stale by revision."""
     target = parse_delete(id, revision)

@@ -6,8 +6,9 @@ event, so that was a publish (a Redis round trip through kombu's producer) per e
 of a busy worker's main process, which is what bounds `save` (benchmarks/README.md).
 
 Here the buffer is published EVENT_FLUSH_SECONDS after the first event put in it (or as soon as
-it holds the dispatcher's buffer_limit, as before), and before the consumer shuts down. Every
-event is still sent; Flower and `celery events` see it up to EVENT_FLUSH_SECONDS later.
+it holds EVENT_BUFFER_LIMIT events: Celery's limit of 24 would publish every few messages of a
+group), and before the consumer shuts down. Every event is still sent; Flower and `celery
+events` see it up to EVENT_FLUSH_SECONDS later.
 Selected by `worker_consumer` in celeryconfig.py.
 """
 
@@ -19,6 +20,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.common import ignore_errors
 
 EVENT_FLUSH_SECONDS = 0.05
+EVENT_BUFFER_LIMIT = 1000
 
 
 class Consumer(CeleryConsumer):
@@ -29,6 +31,8 @@ class Consumer(CeleryConsumer):
     def on_send_event_buffered(self) -> None:
         if not self.hub:
             return
+        # The dispatcher is made anew on every reconnection, with Celery's limit.
+        self.event_dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
         now = time.monotonic()
         # A flush is already due: it publishes this event too. No flag that a lost timer entry
         # (a consumer restart) could leave set: once that time has passed, schedule anew.

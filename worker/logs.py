@@ -30,6 +30,8 @@ _started: dict[str, float] = {}
 
 def mask_passwords(text: str) -> str:
     """Replace the password of every URL in `text` with ***."""
+    if "@" not in text:
+        return text  # no URL with a password; most lines, and this runs for every line
     return _PASSWORD_IN_URL.sub(r"\1***\3", text)
 
 
@@ -122,8 +124,22 @@ def _log_outcome(
     **_: Any,
 ) -> None:
     started = _started.pop(task_id, None)
-    fields: dict[str, Any] = {"task_id": task_id, "task": task.name}
-    ws_id = session_id(task.name, args)
+    runtime = None if started is None else time.perf_counter() - started
+    log_outcome(task_id, task.name, args, retval, state, runtime)
+    _context.set(None)
+
+
+def log_outcome(
+    task_id: str,
+    task_name: str,
+    args: Any,
+    retval: Any,
+    state: str | None,
+    runtime: float | None,
+) -> None:
+    """The one line per task run: ids, the outcome (or the state) and the duration."""
+    fields: dict[str, Any] = {"task_id": task_id, "task": task_name}
+    ws_id = session_id(task_name, args)
     if ws_id:
         fields["session_id"] = ws_id
     if isinstance(retval, dict) and "outcome" in retval:
@@ -132,7 +148,18 @@ def _log_outcome(
         fields["outcome"] = ",".join(f"{k}:{v}" for k, v in retval.items() if v)
     else:
         fields["outcome"] = (state or "unknown").lower()
-    if started is not None:
-        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    if runtime is not None:
+        fields["duration_ms"] = round(runtime * 1000, 2)
     logger.info("task %s", fields["outcome"], extra={"fields": fields})
-    _context.set(None)
+
+
+# Celery's own line per task received (main process) and succeeded (child) repeats the outcome
+# line above: at INFO, the level compose runs, only the outcome line is written; at DEBUG both.
+_REPEATING_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+@signals.after_setup_logger.connect
+def _quiet_celery_task_lines(loglevel: int | None = None, **_: Any) -> None:
+    if loglevel is not None and loglevel > logging.DEBUG:
+        for name in _REPEATING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)

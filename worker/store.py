@@ -113,37 +113,99 @@ def save_many(
     ordered = [winners[key] for key in sorted(winners)]
     refused: list[tuple[int, str]] = []
     # Rows without a producer started_at keep the stored one on update: a statement of their own.
-    for keep_started_at in (False, True):
-        group = [i for i in ordered if (items[i].started_at is None) == keep_started_at]
-        if not group:
-            continue
-        for outcome in _upsert_isolating_refusals(db, items, group, now, keep_started_at, refused):
-            counts[outcome.outcome] += 1
+    for outcome in _upsert_in_id_order(db, items, ordered, now, refused).values():
+        counts[outcome.outcome] += 1
     refused.sort()
     return BatchOutcome(counts, refused)
 
 
+def write_group(
+    db: Session, rows: Sequence[Row], now: datetime | None = None
+) -> list[Outcome | InvalidPayloadError]:
+    """Write the rows of many save and delete messages at once; one result per row, in order.
+
+    The highest revision of an id wins (the first of equal ones). Every other row of that id
+    ends as it would after the winner, one by one: `duplicate` when its revision equals the
+    one stored then, `stale` when lower. A row the database refuses (its CHECK constraints)
+    gets an InvalidPayloadError naming the field, and the next-best row of its id is tried in
+    its place.
+    """
+    now = now or utcnow()
+    results: list[Outcome | InvalidPayloadError | None] = [None] * len(rows)
+    pending = list(range(len(rows)))
+    while pending:
+        winners: dict[int, int] = {}
+        for index in pending:
+            best = winners.get(rows[index].id.int)
+            if best is None or rows[index].revision > rows[best].revision:
+                winners[rows[index].id.int] = index
+        refused: list[tuple[int, str]] = []
+        ordered = [winners[key] for key in sorted(winners)]
+        written = _upsert_in_id_order(db, rows, ordered, now, refused)
+        for index, error in refused:
+            results[index] = InvalidPayloadError(error)
+        for index, outcome in written.items():
+            deleted = isinstance(rows[index], Tombstone) and outcome.outcome in (CREATED, UPDATED)
+            results[index] = Outcome(outcome.id, DELETED, outcome.revision) if deleted else outcome
+        next_pending = []
+        for index in pending:
+            winner = winners[rows[index].id.int]
+            if index == winner:
+                continue
+            if winner not in written:
+                next_pending.append(index)  # its winner was refused: the next best goes on
+                continue
+            stored = written[winner].revision
+            decision = DUPLICATE if rows[index].revision == stored else STALE
+            results[index] = Outcome(rows[index].id, decision, stored)
+        pending = next_pending
+    return [result for result in results if result is not None]
+
+
+def _upsert_in_id_order(
+    db: Session,
+    rows: Sequence[Row],
+    ordered: list[int],
+    now: datetime,
+    refused: list[tuple[int, str]],
+) -> dict[int, Outcome]:
+    """Upsert rows[i] for i in `ordered` (distinct ids, in id order); outcomes by index.
+
+    Rows without a producer started_at keep the stored one on update: a statement of their own.
+    A row the database refuses goes to `refused` (index, error); the others are written.
+    """
+    written: dict[int, Outcome] = {}
+    for keep_started_at in (False, True):
+        group = [i for i in ordered if (rows[i].started_at is None) == keep_started_at]
+        if group:
+            written.update(
+                _upsert_isolating_refusals(db, rows, group, now, keep_started_at, refused)
+            )
+    return written
+
+
 def _upsert_isolating_refusals(
     db: Session,
-    items: Sequence[WritingSessionIn],
+    rows: Sequence[Row],
     group: list[int],
     now: datetime,
     keep_started_at: bool,
     refused: list[tuple[int, str]],
-) -> list[Outcome]:
+) -> dict[int, Outcome]:
     try:
         with db.begin_nested():
-            return _upsert(db, [items[i] for i in group], now, keep_started_at)
+            outcomes = _upsert(db, [rows[i] for i in group], now, keep_started_at)
+            return dict(zip(group, outcomes, strict=True))
     except InvalidPayloadError:
         pass  # one or more rows broke a CHECK: find them one savepoint at a time
-    outcomes = []
+    written = {}
     for index in group:
         try:
             with db.begin_nested():
-                outcomes += _upsert(db, [items[index]], now, keep_started_at)
+                (written[index],) = _upsert(db, [rows[index]], now, keep_started_at)
         except InvalidPayloadError as exc:
             refused.append((index, str(exc)))
-    return outcomes
+    return written
 
 
 def delete(db: Session, id: uuid.UUID, revision: int, now: datetime | None = None) -> Outcome:

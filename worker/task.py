@@ -37,7 +37,7 @@ class WritingSessionsTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            self._check_arguments(args, kwargs)
+            self.check_arguments(args, kwargs)
             return self.run(*args, **kwargs)
         except PermanentError as exc:
             self._dead_letter(exc, args, kwargs)
@@ -55,9 +55,10 @@ class WritingSessionsTask(Task):
         # A task object lives as long as its process: inspect the signature once.
         return inspect.signature(self.run)
 
-    def _check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments by parameter name; InvalidPayloadError names a wrong shape."""
         try:
-            self._signature.bind(*args, **kwargs)
+            return dict(self._signature.bind(*args, **kwargs).arguments)
         except TypeError as exc:
             expected = ", ".join(self._signature.parameters)
             raise InvalidPayloadError(f"arguments: {exc} (expected: {expected})") from None

@@ -1,0 +1,112 @@
+"""The store's group write (worker/store.py `write_group`), in-process on one PostgreSQL
+connection: each test's writes are rolled back at its end."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker import store
+from worker.db import make_engine
+from worker.errors import InvalidPayloadError
+from worker.schemas import WritingSessionIn
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def store_engine(database_url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(database_url, "writing-sessions:test-store")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db(store_engine: sa.Engine) -> Iterator[Session]:
+    """A Session whose every write is rolled back after the test."""
+    with store_engine.connect() as connection:
+        transaction = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        yield session
+        session.close()
+        transaction.rollback()
+
+
+def save(id: uuid.UUID, revision: int, topic: str = "t", **fields: object) -> WritingSessionIn:
+    return WritingSessionIn.model_validate(
+        {"id": id, "topic": topic, "revision": revision, **fields}
+    )
+
+
+def delete(id: uuid.UUID, revision: int) -> store.Tombstone:
+    return store.Tombstone(id=id, revision=revision, deleted_at=NOW)
+
+
+def outcomes(results: list) -> list[tuple[str, int] | str]:
+    return [
+        str(result) if isinstance(result, Exception) else (result.outcome, result.revision)
+        for result in results
+    ]
+
+
+def stored(db: Session, id: uuid.UUID) -> sa.Row:
+    return db.execute(sa.text("SELECT * FROM writing_session WHERE id = :id"), {"id": id}).one()
+
+
+def test_the_highest_revision_of_an_id_wins_and_the_others_end_as_after_it(db):
+    id = uuid.uuid4()
+
+    results = store.write_group(
+        db, [save(id, 1), save(id, 3, "three"), save(id, 3), save(id, 2)], NOW
+    )
+
+    assert outcomes(results) == [("stale", 3), ("created", 3), ("duplicate", 3), ("stale", 3)]
+    assert stored(db, id).topic == "three"
+
+
+def test_a_delete_that_wins_in_a_group_leaves_a_tombstone(db):
+    id = uuid.uuid4()
+    store.write_group(db, [save(id, 1, "kept?")], NOW)
+
+    results = store.write_group(db, [save(id, 2), delete(id, 4), save(id, 3)], NOW)
+
+    assert outcomes(results) == [("stale", 4), ("deleted", 4), ("stale", 4)]
+    row = stored(db, id)
+    assert (row.topic, row.content, row.deleted_at is not None) == (None, "", True)
+
+
+def test_a_stored_higher_revision_makes_every_row_of_its_id_stale_or_duplicate(db):
+    id = uuid.uuid4()
+    store.write_group(db, [save(id, 5)], NOW)
+
+    results = store.write_group(db, [save(id, 4), save(id, 5), delete(id, 1)], NOW)
+
+    assert outcomes(results) == [("stale", 5), ("duplicate", 5), ("stale", 5)]
+
+
+def test_a_refused_winner_is_named_and_the_next_best_row_of_its_id_is_written(db):
+    id, other = uuid.uuid4(), uuid.uuid4()
+    store.write_group(db, [save(id, 0, started_at="2026-01-02T00:00:00Z")], NOW)
+    # Without started_at an update keeps the stored one, after which ended_at may not fall.
+    refused = save(id, 5, ended_at="2026-01-01T00:00:00Z")
+
+    results = store.write_group(db, [refused, save(id, 3, "three"), save(other, 1)], NOW)
+
+    assert isinstance(results[0], InvalidPayloadError)
+    assert str(results[0]).startswith("ended_at: must not be before started_at")
+    assert outcomes(results)[1:] == [("updated", 3), ("created", 1)]
+    assert stored(db, id).topic == "three"
+
+
+def test_rows_without_started_at_keep_the_stored_one_in_a_group(db):
+    id = uuid.uuid4()
+    store.write_group(db, [save(id, 0, started_at="2026-01-02T00:00:00Z")], NOW)
+
+    store.write_group(db, [save(id, 1, "later")], NOW)
+
+    assert stored(db, id).started_at == datetime(2026, 1, 2, tzinfo=UTC)
