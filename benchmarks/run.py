@@ -14,6 +14,7 @@ sides drain a pre-filled queue (rows/s from the first commit to the last):
   in-memory broker (no broker cost at all), and grouped (one pool job per group of what a
   turn of the event loop delivered, no events or results) on Redis and in memory;
 - `save_many`: writing-sessions bench --prefill, batches of 1,000;
+- light load: 200 `save` messages sent 20 ms apart to an idle worker, latency send to commit;
 - `psycopg2 loop`: one upsert and one commit per row, N processes;
 - `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
 The table is vacuumed before every side (deleted rows of the previous side slow the next).
@@ -181,8 +182,24 @@ def main() -> None:
             "--count",
             str(options.batch_rows),
         )
+        light = last_json_line(
+            CLI,
+            "bench",
+            "--json",
+            "--start-worker",
+            "-c",
+            c,
+            "-P",
+            options.pool,
+            "--count",
+            "200",
+            "--interval",
+            "0.02",
+        )
         results = {
             "save rows/s": save["drain_rows_per_second"],
+            "light load p50 ms": light["latency_ms"]["p50"],
+            "light load p99 ms": light["latency_ms"]["p99"],
             "dramatiq rows/s": dramatiq_side(options.rows, options.concurrency),
             "celery no-op floor msgs/s": celery_floor(options.rows, c, options.pool),
             "celery no-op in-memory msgs/s": celery_floor(

@@ -20,9 +20,10 @@ from tests.conftest import ROOT, count_rows, run_cli
     [
         ("--task", "save"),
         ("--task", "save", "--prefill"),
+        ("--task", "save", "--interval", "0.005"),
         ("--task", "save_many", "--batch-size", "50", "--producers", "2"),
     ],
-    ids=["save", "save-prefill", "save_many"],
+    ids=["save", "save-prefill", "save-paced", "save_many"],
 )
 def test_bench_with_its_own_worker_reports_every_figure_and_removes_its_rows(
     db, env, tmp_path, args

@@ -41,6 +41,7 @@ class BenchOptions:
     prefill: bool = False
     timeout: float = 600.0
     keep: bool = False
+    interval: float = 0.0
 
 
 @dataclass
@@ -78,9 +79,11 @@ def bench_session(text: str, tag: str) -> dict[str, str]:
     return {"id": str(uuid.uuid4()), "topic": "bench", "content": text, "author_id": tag}
 
 
-def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[str, float]]:
+def _send_share(
+    args: tuple[str, str, int, int, int, int, float],
+) -> list[tuple[str, float]]:
     """Producer process: send sessions [start, stop) and return (id, send time) pairs."""
-    tag, task, start, stop, size, batch_size, _ = args
+    tag, task, start, stop, size, batch_size, interval = args
     from worker.app import app
 
     text = content(size)
@@ -93,6 +96,8 @@ def _send_share(args: tuple[str, str, int, int, int, int, int]) -> list[tuple[st
                 app.send_task(
                     "writing_sessions.save", args=[session], producer=producer, argsrepr="[bench]"
                 )
+                if interval:
+                    time.sleep(interval)  # paced: the latency of a lightly loaded worker
         else:
             for first in range(start, stop, batch_size):
                 batch = [
@@ -118,8 +123,8 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
     try:
         shares = _split(options.count, options.producers)
         jobs = [
-            (tag, options.task, start, stop, options.size, options.batch_size, i)
-            for i, (start, stop) in enumerate(shares)
+            (tag, options.task, start, stop, options.size, options.batch_size, options.interval)
+            for start, stop in shares
         ]
         sampler = _ConnectionSampler()
         first_send = time.time()

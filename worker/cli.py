@@ -289,6 +289,13 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
     show_default=True,
     help="Producer processes.",
 )
+@click.option(
+    "--interval",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Seconds between two sends of a producer (paced load, for latency).",
+)
 @click.option("--start-worker", is_flag=True, help="Start (and stop) a worker of its own.")
 @click.option(
     "--prefill",
