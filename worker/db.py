@@ -184,14 +184,14 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 @signals.task_postrun.connect
 def _on_task_postrun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    check_for_leak(f"task {getattr(task, 'name', '?')}[{task_id}]")
+
+
+def check_for_leak(after: str) -> None:
+    """Log a `connection leak` if a connection is still checked out after a unit of work."""
     leaked = checked_out_connections()
     if leaked and _pool_size == 1:
-        logger.error(
-            "connection leak: %d connection(s) still checked out after task %s[%s]",
-            leaked,
-            getattr(task, "name", "?"),
-            task_id,
-        )
+        logger.error("connection leak: %d connection(s) still checked out after %s", leaked, after)
 
 
 # SQLSTATEs worth retrying: serialization failure, deadlock, too many connections, and the

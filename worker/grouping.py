@@ -40,7 +40,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.state import task_ready, task_reserved
 
 from worker import store
-from worker.db import is_transient, task_db
+from worker.db import check_for_leak, is_transient, task_db
 from worker.errors import InvalidPayloadError, TransientError, one_line
 from worker.logs import log_outcome
 from worker.results import store_results
@@ -293,6 +293,7 @@ def run_group(items: list[Item]) -> list[Report]:
                 _write([item], [row], now)[0] for item, row in zip(items, rows, strict=True)
             ]
     runtime = time.perf_counter() - started
+    check_for_leak(f"a group of {len(items)} messages (first {items[0].task_id})")
     _store_and_log(items, decisions, runtime)
     # What the main process needs: the result's repr for the task-succeeded event (a small
     # dict of ours: repr is safe), the error for the others.
