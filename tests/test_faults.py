@@ -592,9 +592,10 @@ def test_a_fleet_mid_upgrade_restores_both_kinds_of_workers_messages(
     broker.close()
 
 
-def test_connection_budget_under_load(db, env, start_worker, database_url):
-    worker = start_worker(concurrency=3)
-    payloads = [new_session() for _ in range(800)]
+@pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 3), ("threads", 4), ("solo", 1)])
+def test_connection_budget_under_load(db, env, start_worker, database_url, pool, concurrency):
+    worker = start_worker(pool=pool, concurrency=concurrency)
+    payloads = [new_session() for _ in range(3000)]
     most = 0
     pids: set[int] = set()
 
@@ -605,20 +606,23 @@ def test_connection_budget_under_load(db, env, start_worker, database_url):
         names = [name for name, _ in worker_connections(db, database_url)]
         most = max(most, len(names))
         pids.update(int(name.rsplit(":", 1)[1]) for name in names)
-        return count_rows(db) == 800
+        return count_rows(db) == len(payloads)
 
-    wait_for(sample, 180, "800 rows", interval=0.02)
+    wait_for(sample, 180, "3,000 rows", interval=0.02)
     # The load is over: what is left open now must be idle, not inside a transaction.
     states = [state for _, state in worker_connections(db, database_url)]
 
-    assert most <= 3
-    assert worker.pid not in pids
-    assert pids <= worker.children()
+    assert most <= concurrency, f"{most} connections for {concurrency} {pool} workers"
+    if pool == "prefork":
+        assert worker.pid not in pids
+        assert pids <= worker.children()
+    else:
+        assert pids == {worker.pid}
     assert "idle in transaction" not in states
     report(
-        "connection budget, prefork -c 3",
+        f"connection budget, {pool} -c {concurrency}",
         sent=len(payloads),
         max_connections=most,
-        worker_processes=3,
+        worker_processes_or_threads=concurrency,
         idle_in_transaction=states.count("idle in transaction"),
     )

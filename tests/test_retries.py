@@ -20,34 +20,41 @@ def proxy(database_url: str) -> Iterator[TcpProxy]:
     proxy.close()
 
 
-@pytest.fixture
-def refusing_writes(db: sa.Engine) -> Iterator[sa.Engine]:
-    """Make the real database answer every write to writing_session with a serialization failure
-    (SQLSTATE 40001), while dead_letter stays writable."""
-    with db.begin() as connection:
+def refuse_writes(engine: sa.Engine, table: str) -> None:
+    """Make the real database answer every write to `table` with a serialization failure
+    (SQLSTATE 40001): a transient fault."""
+    with engine.begin() as connection:
         connection.execute(
             sa.text(
-                "CREATE FUNCTION ws_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'could not serialize access (test)' USING ERRCODE = '40001'; "
-                "END $$"
+                "CREATE OR REPLACE FUNCTION ws_test_refuse() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'could not serialize access (test)' "
+                "USING ERRCODE = '40001'; END $$"
             )
         )
         connection.execute(
             sa.text(
-                "CREATE TRIGGER ws_test_refuse BEFORE INSERT OR UPDATE ON writing_session "
+                f"CREATE TRIGGER ws_test_refuse BEFORE INSERT OR UPDATE ON {table} "
                 "FOR EACH ROW EXECUTE FUNCTION ws_test_refuse()"
             )
         )
+
+
+def allow_writes(engine: sa.Engine, *tables: str) -> None:
+    with engine.begin() as connection:
+        for table in tables or ("writing_session", "dead_letter"):
+            connection.execute(sa.text(f"DROP TRIGGER IF EXISTS ws_test_refuse ON {table}"))
+        if not tables:
+            connection.execute(sa.text("DROP FUNCTION IF EXISTS ws_test_refuse()"))
+
+
+@pytest.fixture
+def refusing_writes(db: sa.Engine) -> Iterator[sa.Engine]:
+    """writing_session refuses every write; dead_letter stays writable."""
+    refuse_writes(db, "writing_session")
     try:
         yield db
     finally:
         allow_writes(db)
-
-
-def allow_writes(engine: sa.Engine) -> None:
-    with engine.begin() as connection:
-        connection.execute(sa.text("DROP TRIGGER IF EXISTS ws_test_refuse ON writing_session"))
-        connection.execute(sa.text("DROP FUNCTION IF EXISTS ws_test_refuse()"))
 
 
 def test_database_outage_mid_run_loses_nothing_and_dead_letters_nothing(
@@ -103,7 +110,7 @@ def test_exhausted_retries_end_in_dead_letter_and_replay_persists_them(
     assert all("could not serialize access" in letter.error for letter in letters)
     assert count_rows(db) == 0
 
-    allow_writes(db)
+    allow_writes(db, "writing_session")
     replay = run_cli("dead-letters", "replay", "--all", env=env, cwd=tmp_path)
 
     assert replay.returncode == 0, replay.stderr
@@ -115,6 +122,7 @@ def test_exhausted_retries_end_in_dead_letter_and_replay_persists_them(
 def test_only_a_connection_idle_in_the_pool_is_pinged_and_a_dead_one_is_replaced(
     engine, database_url, monkeypatch
 ):
+    from worker import connections
     from worker import db as worker_db
     from worker.settings import normalize_database_url
 
@@ -141,7 +149,7 @@ def test_only_a_connection_idle_in_the_pool_is_pinged_and_a_dead_one_is_replaced
             admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
         wait_for(lambda: not _backend_alive(engine, first), timeout=10, what="backend terminated")
         # Now every checkout counts as idle: the dead connection is found and replaced.
-        monkeypatch.setattr(worker_db, "PING_AFTER_IDLE_SECONDS", 0.0)
+        monkeypatch.setattr(connections, "PING_AFTER_IDLE_SECONDS", 0.0)
         with pool_engine.connect() as connection:
             assert connection.execute(backend_pid).scalar() != first
         assert pings == [1]  # the dead one failed its ping; a new connection needs none
@@ -154,3 +162,25 @@ def _backend_alive(engine, pid):
         return connection.execute(
             sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
         ).scalar()
+
+
+def test_a_dead_letter_that_cannot_be_written_keeps_its_message_retrying_at_the_cap(
+    db, producer, start_worker, refusing_writes
+):
+    refuse_writes(db, "dead_letter")
+    worker = start_worker(
+        extra_env={"WRITING_SESSIONS_MAX_RETRIES": "0", "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1"}
+    )
+
+    result = send_save(producer, new_session())
+    # Out of retries at once, and the dead letter is refused too: retried at the 1 s cap.
+    wait_for(lambda: worker.log().count("(the dead letter too)") >= 3, 60, "three retries")
+    allow_writes(db, "dead_letter")
+    result.get(timeout=60, propagate=False)
+
+    assert result.state == "FAILURE"
+    with db.connect() as connection:
+        (letter,) = connection.execute(sa.text("SELECT error_type, attempts FROM dead_letter"))
+    assert letter.error_type == "TransientError" and letter.attempts >= 4
+    assert count_rows(db) == 0
+    assert worker.log().count("in 1s: ") >= 3

@@ -1,5 +1,5 @@
-"""The store's group write (worker/store.py `write_group`), in-process on one PostgreSQL
-connection: each test's writes are rolled back at its end."""
+"""The store's decisions (worker/store.py), in-process on one connection to PostgreSQL and to
+the embedded SQLite: each test's writes are rolled back at its end."""
 
 from __future__ import annotations
 
@@ -14,14 +14,27 @@ from sqlalchemy.orm import Session
 from worker import store
 from worker.db import make_engine
 from worker.errors import InvalidPayloadError
+from worker.migrate import upgrade
+from worker.models import WritingSession
 from worker.schemas import WritingSessionIn
+from worker.times import as_utc
+from worker.upsert import Tombstone
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-def store_engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url, "writing-sessions:test-store")
+pytestmark = pytest.mark.quick
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def store_engine(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[sa.Engine]:
+    """An engine on a migrated database of each dialect the store writes to."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("database_url")
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+        upgrade(url)
+    engine = make_engine(url, "writing-sessions:test-store")
     yield engine
     engine.dispose()
 
@@ -43,8 +56,8 @@ def save(id: uuid.UUID, revision: int, topic: str = "t", **fields: object) -> Wr
     )
 
 
-def delete(id: uuid.UUID, revision: int) -> store.Tombstone:
-    return store.Tombstone(id=id, revision=revision, deleted_at=NOW)
+def delete(id: uuid.UUID, revision: int) -> Tombstone:
+    return Tombstone(id=id, revision=revision, deleted_at=NOW)
 
 
 def outcomes(results: list) -> list[tuple[str, int] | str]:
@@ -54,8 +67,10 @@ def outcomes(results: list) -> list[tuple[str, int] | str]:
     ]
 
 
-def stored(db: Session, id: uuid.UUID) -> sa.Row:
-    return db.execute(sa.text("SELECT * FROM writing_session WHERE id = :id"), {"id": id}).one()
+def stored(db: Session, id: uuid.UUID) -> WritingSession:
+    row = db.get(WritingSession, id, populate_existing=True)
+    assert row is not None
+    return row
 
 
 def test_the_highest_revision_of_an_id_wins_and_the_others_end_as_after_it(db):
@@ -109,4 +124,22 @@ def test_rows_without_started_at_keep_the_stored_one_in_a_group(db):
 
     store.write_group(db, [save(id, 1, "later")], NOW)
 
-    assert stored(db, id).started_at == datetime(2026, 1, 2, tzinfo=UTC)
+    assert as_utc(stored(db, id).started_at) == datetime(2026, 1, 2, tzinfo=UTC)
+
+
+def test_save_many_counts_each_decision_and_names_each_refused_item(db):
+    id, other, refused = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    store.write_group(db, [save(refused, 0, started_at="2026-01-02T00:00:00Z")], NOW)
+    items = [
+        save(id, 2),
+        save(id, 1),
+        save(id, 2),
+        save(other, 0),
+        save(refused, 1, ended_at="2026-01-01T00:00:00Z"),
+    ]
+
+    batch = store.save_many(db, items, NOW)
+
+    assert batch.counts == {"created": 2, "updated": 0, "duplicate": 1, "stale": 1}
+    assert [index for index, _ in batch.refused] == [4]
+    assert batch.refused[0][1].startswith("ended_at: must not be before started_at")

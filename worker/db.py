@@ -1,6 +1,6 @@
 """The per-process engine, the worker signals that own it, and the one session helper of a task.
 
-Rule 1 of SPEC.md: an engine (and its pool) belongs to one process. Prefork children and the
+docs/contract.md, rule 1: an engine (and its pool) belongs to one process. Prefork children and the
 solo pool build theirs from `worker_process_init`; any other process (threads pool, CLI) builds
 one lazily on first use, guarded by its pid, so a pool never crosses a fork.
 """
@@ -10,19 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.errors import TransientError
+from worker import connections
 from worker.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -35,21 +33,33 @@ _node = socket.gethostname()
 _pool_size = 1
 
 
+# The threads pool runs tasks in several threads of one process: the first tasks race to
+# create the engine. Without the lock two of them could each build one (and the later one
+# dispose the earlier one's pool while its connections were checked out).
+_engine_lock = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().update(_engine_lock=threading.Lock()))
+
+
 def init_engine(node: str | None = None) -> Engine:
     """Create this process's engine (lazily connecting) unless it already has one."""
     global _engine, _sessionmaker, _engine_pid, _node
     pid = os.getpid()
-    if _engine is not None and _engine_pid == pid:
-        return _engine
-    if _engine is not None:
-        # Inherited across a fork: drop the parent's pool without touching its sockets.
-        _engine.dispose(close=False)
-    if node:
-        _node = node
-    _engine = make_engine(settings.database_url, f"writing-sessions:{_node}:{pid}", _pool_size)
-    _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
-    _engine_pid = pid
-    return _engine
+    engine = _engine
+    if engine is not None and _engine_pid == pid:
+        return engine
+    with _engine_lock:
+        if _engine is not None and _engine_pid == pid:
+            return _engine
+        if _engine is not None:
+            # Inherited across a fork: drop the parent's pool without touching its sockets.
+            _engine.dispose(close=False)
+        if node:
+            _node = node
+        engine = make_engine(settings.database_url, f"writing-sessions:{_node}:{pid}", _pool_size)
+        _sessionmaker = sessionmaker(engine, expire_on_commit=False)
+        _engine_pid = pid
+        _engine = engine  # published last: a reader that sees it sees the rest
+        return engine
 
 
 def dispose_engine() -> None:
@@ -61,11 +71,17 @@ def dispose_engine() -> None:
 
 
 def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
-    """Build an engine for `url` that connects on first use (create_engine never blocks)."""
-    sa_url = make_url(url)
+    """Build an engine for `url` that connects on first use (create_engine never blocks).
+
+    The only place that creates an engine; worker/connections.py says how its connections
+    behave on each database.
+    """
     options: dict[str, Any] = {"echo": settings.sql_echo}
-    if sa_url.get_backend_name() == "sqlite":
-        return _make_sqlite_engine(url, {**options, "pool_pre_ping": True})
+    if make_url(url).get_backend_name() == "sqlite":
+        connections.make_sqlite_directory(url)
+        engine = create_engine(url, connect_args={"timeout": 30}, pool_pre_ping=True, **options)
+        connections.serialise_sqlite_writers(engine)
+        return engine
     engine = create_engine(
         url,
         pool_size=pool_size,
@@ -73,67 +89,12 @@ def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
         pool_timeout=30,
         # Servers and proxies drop idle connections; recycle before they do.
         pool_recycle=1800,
-        # The store sends the rows of an upsert as UTF-8 bytes (worker/store.py).
+        # Any text can be sent, whatever PGCLIENTENCODING says in the worker's environment.
         client_encoding="utf8",
         connect_args={"application_name": application_name[:63], "connect_timeout": 10},
         **options,
     )
-    _ping_when_idle(engine)
-    return engine
-
-
-# A connection back in use within this many seconds is not pinged: under load a worker's
-# connection goes out and back for every task, and a ping per task cost a round trip each.
-PING_AFTER_IDLE_SECONDS = 1.0
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """pool_pre_ping, but only for a connection that sat idle in the pool.
-
-    A connection the server dropped while idle is found here and replaced before a task uses
-    it; one dropped mid-burst fails its task, which is retried (`is_transient`).
-    """
-
-    @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
-        record.info["checked_in"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        checked_in = record.info.get("checked_in")  # None: a new connection, just made
-        if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as exc:
-            # The pool discards this connection and checks out a fresh one.
-            raise sa_exc.DisconnectionError("connection lost while idle in the pool") from exc
-
-
-def _make_sqlite_engine(url: str, options: dict[str, Any]) -> Engine:
-    database = make_url(url).database
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30}, **options)
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-        # WAL lets readers and one writer work at once across worker processes; writers wait
-        # for each other instead of failing; pysqlite's own BEGIN handling is switched off so
-        # that the "begin" hook below decides.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
-        # Take the write lock at BEGIN: SQLite serialises writers, and a deferred transaction
-        # that reads and then writes can fail mid-way instead of waiting its turn.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
+    connections.ping_when_idle(engine)
     return engine
 
 
@@ -192,20 +153,3 @@ def check_for_leak(after: str) -> None:
     leaked = checked_out_connections()
     if leaked and _pool_size == 1:
         logger.error("connection leak: %d connection(s) still checked out after %s", leaked, after)
-
-
-# SQLSTATEs worth retrying: serialization failure, deadlock, too many connections, and the
-# server shutting down or starting up; class 08 is any connection exception.
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "53300", "57P01", "57P02", "57P03"}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a database error may pass if the task runs again later."""
-    if isinstance(exc, TransientError | sa_exc.TimeoutError):
-        return True
-    if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
-            return True
-        code = getattr(exc.orig, "pgcode", None) or ""
-        return code in _TRANSIENT_SQLSTATES or code.startswith("08")
-    return False

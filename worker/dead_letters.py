@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 from worker.db import task_db
 from worker.models import DeadLetter
-from worker.store import utcnow
+from worker.times import utcnow
 
 
 def find(

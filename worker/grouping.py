@@ -35,17 +35,19 @@ from billiard.einfo import ExceptionInfo
 from celery import signals, states
 from celery.exceptions import TimeLimitExceeded
 from celery.utils.imports import symbol_by_name
-from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_ready, task_reserved
 
 from worker import store
-from worker.db import check_for_leak, is_transient, task_db
+from worker.db import check_for_leak, task_db
 from worker.errors import InvalidPayloadError, TransientError, one_line
 from worker.logs import log_outcome
 from worker.results import store_results
 from worker.schemas import parse_delete, parse_writing_session
 from worker.settings import settings
+from worker.task import backoff, is_transient
+from worker.times import utcnow
+from worker.upsert import Row, Tombstone
 
 logger = logging.getLogger(__name__)
 
@@ -261,22 +263,22 @@ def _on_pool_error(group: list[Any], exc_info: ExceptionInfo) -> None:
 Decision = tuple[str, Any]
 
 
-def parse_row(item: Item, now: Any) -> store.Row:
+def parse_row(item: Item, now: Any) -> Row:
     """The row a message asks for; InvalidPayloadError names what is wrong."""
     from worker.app import app
 
     arguments = app.tasks[item.task_name].check_arguments(item.args, item.kwargs)
     if item.task_name == "writing_sessions.delete":
         target = parse_delete(arguments["id"], arguments["revision"])
-        return store.Tombstone(id=target.id, revision=target.revision, deleted_at=now)
+        return Tombstone(id=target.id, revision=target.revision, deleted_at=now)
     return parse_writing_session(arguments["writing_session"])
 
 
 def run_group(items: list[Item]) -> list[Report]:
     """Write a group of messages in one transaction; one report per message, in order."""
     started = time.perf_counter()
-    now = store.utcnow()
-    rows: list[store.Row | InvalidPayloadError] = []
+    now = utcnow()
+    rows: list[Row | InvalidPayloadError] = []
     for item in items:
         try:
             rows.append(parse_row(item, now))
@@ -303,9 +305,7 @@ def run_group(items: list[Item]) -> list[Report]:
     ]
 
 
-def _write(
-    items: list[Item], rows: list[store.Row | InvalidPayloadError], now: Any
-) -> list[Decision]:
+def _write(items: list[Item], rows: list[Row | InvalidPayloadError], now: Any) -> list[Decision]:
     """One transaction: the valid rows by the revision rule, a dead letter for each other."""
     valid = [index for index, row in enumerate(rows) if not isinstance(row, Exception)]
     decisions: list[Decision] = []
@@ -356,14 +356,7 @@ def _retry_or_dead_letter(items: list[Item], exc: Exception) -> list[Decision]:
                 decisions.append((states.FAILURE, error))
                 continue
             countdown = (
-                settings.retry_backoff_max
-                if item.task_id in exhausted
-                else get_exponential_backoff_interval(
-                    factor=1,
-                    retries=item.retries,
-                    maximum=settings.retry_backoff_max,
-                    full_jitter=True,
-                )
+                settings.retry_backoff_max if item.task_id in exhausted else backoff(item.retries)
             )
             try:
                 app.send_task(
@@ -382,7 +375,11 @@ def _retry_or_dead_letter(items: list[Item], exc: Exception) -> list[Decision]:
                 decisions.append((REQUEUE, None))
                 continue
             logger.warning(
-                "transient fault, retry %d in %ss: %s", item.retries + 1, countdown, error
+                "transient fault, retry %d in %ss: %s%s",
+                item.retries + 1,
+                countdown,
+                error,
+                " (the dead letter too)" if item.task_id in exhausted else "",
             )
             decisions.append((states.RETRY, error))
     return decisions

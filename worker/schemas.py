@@ -1,11 +1,11 @@
-"""Pydantic models of task payloads: every validation rule of SPEC.md lives here."""
+"""Pydantic models of task payloads: every validation rule of docs/contract.md lives here."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from worker.errors import InvalidPayloadError
+from worker.times import as_utc
 
 MAX_TOPIC_LENGTH = 200
 MAX_CONTENT_LENGTH = 1_000_000
@@ -55,13 +56,6 @@ def _iso_string(value: Any) -> Any:
     return value
 
 
-def _utc(value: datetime) -> datetime:
-    # A naive timestamp is UTC (SPEC.md, Data).
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
 def _at_most(limit: int) -> AfterValidator:
     def check(value: str) -> str:
         if len(value) > limit:
@@ -78,7 +72,7 @@ def _not_blank(value: str) -> str:
 
 
 StorableStr = Annotated[StrictStr, AfterValidator(_storable)]
-Timestamp = Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(_utc)]
+Timestamp = Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(as_utc)]
 Revision = Annotated[StrictInt, Field(ge=0, le=MAX_REVISION)]
 
 

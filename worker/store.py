@@ -8,39 +8,21 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import cache
-from typing import Any, cast
+from datetime import datetime
+from typing import Any
 
-from psycopg2.extensions import QuotedString
-from pydantic import BaseModel, ConfigDict, TypeAdapter
-from sqlalchemy import (
-    Boolean,
-    Integer,
-    Table,
-    Text,
-    bindparam,
-    column,
-    func,
-    literal_column,
-    select,
-)
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.dml import ReturningInsert
 
 from worker.errors import InvalidPayloadError
-from worker.models import DeadLetter, WritingSession
+from worker.models import DeadLetter
 from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn
+from worker.times import utcnow
+from worker.upsert import Row, Tombstone, stored_revisions, upsert_for
 
 CREATED, UPDATED, DUPLICATE, STALE, DELETED = "created", "updated", "duplicate", "stale", "deleted"
-
-# The Core table: writes go through one upsert statement, not the ORM's unit of work.
-_table = cast(Table, WritingSession.__table__)
-_c = _table.c
 
 # Constraint names (from the naming convention) mapped back to the field they protect.
 _CONSTRAINT_ERRORS = {
@@ -63,13 +45,8 @@ class Outcome:
     revision: int
 
     def as_dict(self) -> dict[str, Any]:
-        """The task result of SPEC.md: plain JSON data."""
+        """The task result of docs/contract.md: plain JSON data."""
         return {"id": str(self.id), "outcome": self.outcome, "revision": self.revision}
-
-
-def utcnow() -> datetime:
-    """The time of a write, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 def save(db: Session, item: WritingSessionIn, now: datetime | None = None) -> Outcome:
@@ -217,165 +194,24 @@ def delete(db: Session, id: uuid.UUID, revision: int, now: datetime | None = Non
     return outcome
 
 
-class Tombstone(BaseModel):
-    """The row a delete writes: the session emptied, its id and revision kept."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: uuid.UUID
-    revision: int
-    deleted_at: datetime
-    topic: None = None
-    content: str = ""
-    author_id: None = None
-    started_at: None = None
-    ended_at: None = None
-    counts: tuple[int, int] = (0, 0)
-
-
-Row = WritingSessionIn | Tombstone
-
-# The JSON of the rows of one upsert, written by pydantic in one call: field names as below, the
-# (word_count, char_count) pair as "counts", timestamps in ISO 8601.
-_rows_json = TypeAdapter(list[Row])
-_JSON_FIELDS = {
-    "id": _c.id.type,
-    "topic": _c.topic.type,
-    "content": _c.content.type,
-    "author_id": _c.author_id.type,
-    "counts": postgresql.JSON(),
-    "started_at": _c.started_at.type,
-    "ended_at": _c.ended_at.type,
-    "revision": _c.revision.type,
-    "deleted_at": _c.deleted_at.type,
-}
-
-
 def _upsert(db: Session, rows: list[Row], now: datetime, keep_started_at: bool) -> list[Outcome]:
-    """One upsert statement for rows of distinct ids; returns each one's outcome, in order.
-
-    now: the time of the write, in created_at and updated_at, and in started_at where a row
-    has none.
-    """
+    """One upsert for rows of distinct ids; each one's outcome, in order."""
     try:
-        if db.get_bind().dialect.name == "postgresql":
-            # PostgreSQL reads the rows from one JSON parameter faster than it parses a
-            # multi-row VALUES list, and pydantic writes that JSON faster than Python builds rows.
-            # Its UTF-8 bytes are quoted as they are (the engine's client_encoding is UTF-8):
-            # decoding them for psycopg2 to encode again cost a copy twice their size.
-            rows_json = QuotedString(_rows_json.dump_json(rows))
-            params = {"rows": rows_json, "now": now}
-            result = db.execute(_upsert_statement("postgresql", keep_started_at), params)
-            written = {id: (CREATED if inserted else UPDATED, rev) for id, rev, inserted in result}
-        else:
-            # SQLite serialises writers (BEGIN IMMEDIATE), so reading first is race-free there.
-            before = _stored_revisions(db, [row.id for row in rows])
-            stmt = _upsert_statement("sqlite", keep_started_at)
-            written = {
-                id: (UPDATED if id in before else CREATED, rev)
-                for id, rev in db.execute(stmt, [_column_values(row, now) for row in rows])
-            }
+        written = upsert_for(db)(db, rows, now, keep_started_at)
     except IntegrityError as exc:
         raise _invalid_payload(exc) from exc
     unwritten = [row.id for row in rows if row.id not in written]
-    stored = _stored_revisions(db, unwritten) if unwritten else {}
+    stored = stored_revisions(db, unwritten) if unwritten else {}
     outcomes = []
     for row in rows:
         if row.id in written:
-            outcome, revision = written[row.id]
+            inserted, revision = written[row.id]
+            outcome = CREATED if inserted else UPDATED
         else:
             revision = stored[row.id]
             outcome = DUPLICATE if revision == row.revision else STALE
         outcomes.append(Outcome(row.id, outcome, revision))
     return outcomes
-
-
-def _column_values(row: Row, now: datetime) -> dict[str, Any]:
-    """A row as the parameters of the one-row upsert (SQLite)."""
-    word_count, char_count = row.counts
-    return {
-        "id": row.id,
-        "topic": row.topic,
-        "content": row.content,
-        "author_id": row.author_id,
-        "word_count": word_count,
-        "char_count": char_count,
-        "started_at": row.started_at or now,
-        "ended_at": row.ended_at,
-        "revision": row.revision,
-        "deleted_at": row.deleted_at if isinstance(row, Tombstone) else None,
-        "created_at": now,
-        "updated_at": now,
-    }
-
-
-@cache
-def _upsert_statement(dialect: str, keep_started_at: bool) -> ReturningInsert[Any]:
-    """The upsert, built once per process for each dialect and started_at rule.
-
-    PostgreSQL inserts every row of the statement from one JSON array parameter
-    (`json_to_recordset`); SQLite executes the one-row statement with each row's parameters
-    (Core's executemany).
-    keep_started_at: the rows carry no producer started_at, so an update keeps the stored one
-    (the inserted value, the time of the write, only applies to new rows).
-    """
-    stmt: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        incoming = (
-            func.json_to_recordset(bindparam("rows", type_=Text))
-            .table_valued(*(column(name, type_) for name, type_ in _JSON_FIELDS.items()))
-            .render_derived("incoming", with_types=True)
-        )
-        now = bindparam("now", type_=_c.created_at.type)
-        values = {
-            "id": incoming.c.id,
-            "topic": incoming.c.topic,
-            "content": incoming.c.content,
-            "author_id": incoming.c.author_id,
-            "word_count": incoming.c.counts[0].astext.cast(Integer),
-            "char_count": incoming.c.counts[1].astext.cast(Integer),
-            "started_at": func.coalesce(incoming.c.started_at, now),
-            "ended_at": incoming.c.ended_at,
-            "revision": incoming.c.revision,
-            "deleted_at": incoming.c.deleted_at,
-            "created_at": now,
-            "updated_at": now,
-        }
-        stmt = postgresql.insert(_table).from_select(list(values), select(*values.values()))
-    else:
-        stmt = sqlite.insert(_table)
-    excluded = stmt.excluded
-    changes = {
-        name: getattr(excluded, name)
-        for name in (
-            "topic",
-            "content",
-            "author_id",
-            "word_count",
-            "char_count",
-            "ended_at",
-            "revision",
-            "deleted_at",
-            "updated_at",
-        )
-    }
-    if not keep_started_at:
-        changes["started_at"] = excluded.started_at
-    upsert = stmt.on_conflict_do_update(
-        index_elements=[_c.id], set_=changes, where=_c.revision < excluded.revision
-    )
-    if dialect == "postgresql":
-        # xmax is 0 on a freshly inserted row version and our transaction id on an update.
-        return upsert.returning(
-            _c.id, _c.revision, literal_column("xmax = 0", Boolean).label("inserted")
-        )
-    return upsert.returning(_c.id, _c.revision)
-
-
-def _stored_revisions(db: Session, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
-    """Stored revisions by id."""
-    query = select(_c.id, _c.revision).where(_c.id.in_(list(ids)))
-    return {row.id: row.revision for row in db.execute(query)}
 
 
 def _invalid_payload(exc: IntegrityError) -> InvalidPayloadError:

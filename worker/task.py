@@ -14,14 +14,38 @@ from typing import Any
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from worker import store
-from worker.db import is_transient, task_db
+from worker.db import task_db
 from worker.errors import InvalidPayloadError, PermanentError, TransientError, one_line
 from worker.settings import settings
 
 logger = logging.getLogger(__name__)
+
+# SQLSTATEs worth retrying: serialization failure, deadlock, too many connections, and the
+# server shutting down or starting up; class 08 is any connection exception.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "53300", "57P01", "57P02", "57P03"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error may pass if the task runs again later."""
+    if isinstance(exc, TransientError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
+            return True
+        code = getattr(exc.orig, "pgcode", None) or ""
+        return code in _TRANSIENT_SQLSTATES or code.startswith("08")
+    return False
+
+
+def backoff(retries: int) -> float:
+    """Seconds before retry number `retries` + 1: full jitter up to min(2^retries, the cap)."""
+    return get_exponential_backoff_interval(
+        factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
+    )
 
 
 class WritingSessionsTask(Task):
@@ -69,9 +93,7 @@ class WritingSessionsTask(Task):
         retries = self.request.retries
         error = TransientError(one_line(exc))
         if self.max_retries is None or retries < self.max_retries:
-            countdown = get_exponential_backoff_interval(
-                factor=1, retries=retries, maximum=self.retry_backoff_max, full_jitter=True
-            )
+            countdown = backoff(retries)
             logger.warning("transient fault, retry %d in %ss: %s", retries + 1, countdown, error)
             raise self.retry(exc=error, countdown=countdown) from exc
         try:
@@ -81,8 +103,16 @@ class WritingSessionsTask(Task):
                 raise
             # The database still refuses even the dead letter: keep the message on the broker
             # rather than drop it, and try again at the backoff cap.
+            logger.warning(
+                "transient fault, retry %d in %ss: %s (the dead letter too)",
+                retries + 1,
+                self.retry_backoff_max,
+                error,
+            )
+            # (max_retries=None would mean the task's own limit, which is spent: the limit of
+            # this one retry is one more than the retries so far.)
             raise self.retry(
-                exc=error, countdown=self.retry_backoff_max, max_retries=None
+                exc=error, countdown=self.retry_backoff_max, max_retries=retries + 1
             ) from letter_exc
         raise error from exc
 

@@ -1,0 +1,182 @@
+"""The revision-rule upsert: one statement per set of rows, one small implementation per dialect.
+
+Every write is `INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE stored.revision <
+incoming.revision`, so two workers racing on one id can neither both win nor deadlock (rows go
+in id order, docs/contract.md). `upsert_for(db)` picks the implementation of the Session's
+dialect; each returns the ids it wrote, whether each was inserted, and the revision stored.
+
+The columns come from the model: a column of WritingSession takes the row field of the same
+name, except the two counts (computed from the content, `Row.counts`) and the two timestamps of
+the write. Adding a column is an edit of the model and of the schemas, and a migration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import cache
+from typing import Any, Protocol, cast
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    Table,
+    Text,
+    bindparam,
+    column,
+    func,
+    literal_column,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
+
+from worker.models import WritingSession
+from worker.schemas import WritingSessionIn
+
+_table = cast(Table, WritingSession.__table__)
+_c = _table.c
+COLUMNS = [c.name for c in _table.columns]
+# Stamped with the time of the write; computed from the content, in the order of Row.counts.
+_STAMPED = ("created_at", "updated_at")
+_COUNTS = ("word_count", "char_count")
+# The columns a row gives by field name.
+ROW_FIELDS = [name for name in COLUMNS if name not in _STAMPED + _COUNTS]
+
+
+class Tombstone(BaseModel):
+    """The row a delete writes: the session emptied, its id and revision kept."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    revision: int
+    deleted_at: datetime
+    topic: None = None
+    content: str = ""
+    author_id: None = None
+    started_at: None = None
+    ended_at: None = None
+    counts: tuple[int, int] = (0, 0)
+
+
+Row = WritingSessionIn | Tombstone
+# What an upsert wrote: by id, (inserted rather than updated, the revision stored).
+Written = dict[uuid.UUID, tuple[bool, int]]
+
+
+class Upsert(Protocol):
+    """Write rows of distinct ids by the revision rule; rows not written are not in the result.
+
+    now: the time of the write (created_at, updated_at, and started_at where a row has none).
+    keep_started_at: the rows carry no started_at, and an update keeps the stored one.
+    """
+
+    def __call__(
+        self, db: Session, rows: Sequence[Row], now: datetime, keep_started_at: bool
+    ) -> Written: ...
+
+
+def upsert_for(db: Session) -> Upsert:
+    """The upsert of the Session's database, built once per process and dialect."""
+    return _upsert(db.get_bind().dialect.name)
+
+
+@cache
+def _upsert(dialect: str) -> Upsert:
+    return PostgresqlUpsert() if dialect == "postgresql" else SqliteUpsert()
+
+
+def _on_conflict(
+    stmt: postgresql.Insert | sqlite.Insert, keep_started_at: bool
+) -> postgresql.Insert | sqlite.Insert:
+    kept = {"id", "created_at", *(["started_at"] if keep_started_at else [])}
+    changes = {name: stmt.excluded[name] for name in COLUMNS if name not in kept}
+    return stmt.on_conflict_do_update(
+        index_elements=[_c.id], set_=changes, where=_c.revision < stmt.excluded.revision
+    )
+
+
+class PostgresqlUpsert:
+    """One INSERT ... SELECT FROM json_to_recordset(:rows) for all the rows.
+
+    pydantic writes the rows as one JSON text, which PostgreSQL reads faster than it parses a
+    multi-row VALUES list; the text is bound as any parameter.
+    """
+
+    _rows_json = TypeAdapter(list[Row])
+
+    def __init__(self) -> None:
+        self._statements = {keep: self._statement(keep) for keep in (False, True)}
+
+    @staticmethod
+    def _statement(keep_started_at: bool) -> ReturningInsert[Any]:
+        incoming = (
+            func.json_to_recordset(bindparam("rows", type_=Text))
+            .table_valued(
+                *(column(name, _c[name].type) for name in ROW_FIELDS),
+                column("counts", postgresql.JSON()),
+            )
+            .render_derived("incoming", with_types=True)
+        )
+        now = bindparam("now", type_=_c.created_at.type)
+        values: dict[str, Any] = {}
+        for name in COLUMNS:
+            if name in _STAMPED:
+                values[name] = now
+            elif name in _COUNTS:
+                values[name] = incoming.c.counts[_COUNTS.index(name)].astext.cast(Integer)
+            elif name == "started_at":
+                values[name] = func.coalesce(incoming.c.started_at, now)
+            else:
+                values[name] = incoming.c[name]
+        stmt = postgresql.insert(_table).from_select(list(values), select(*values.values()))
+        # xmax is 0 on a freshly inserted row version, and our transaction id on an update.
+        inserted = literal_column("xmax = 0", Boolean).label("inserted")
+        return _on_conflict(stmt, keep_started_at).returning(_c.id, _c.revision, inserted)
+
+    def __call__(
+        self, db: Session, rows: Sequence[Row], now: datetime, keep_started_at: bool
+    ) -> Written:
+        rows_json = self._rows_json.dump_json(list(rows)).decode()
+        result = db.execute(self._statements[keep_started_at], {"rows": rows_json, "now": now})
+        return {id: (inserted, revision) for id, revision, inserted in result}
+
+
+class SqliteUpsert:
+    """The one-row statement, executed for each row (Core's executemany).
+
+    SQLite serialises writers (the transaction takes the lock at BEGIN IMMEDIATE), so reading
+    the stored ids first is race-free and tells an insert from an update.
+    """
+
+    def __init__(self) -> None:
+        self._statements = {
+            keep: _on_conflict(sqlite.insert(_table), keep).returning(_c.id, _c.revision)
+            for keep in (False, True)
+        }
+
+    def __call__(
+        self, db: Session, rows: Sequence[Row], now: datetime, keep_started_at: bool
+    ) -> Written:
+        before = stored_revisions(db, [row.id for row in rows])
+        parameters = [self._values(row, now) for row in rows]
+        result = db.execute(self._statements[keep_started_at], parameters)
+        return {id: (id not in before, revision) for id, revision in result}
+
+    @staticmethod
+    def _values(row: Row, now: datetime) -> dict[str, Any]:
+        values: dict[str, Any] = {name: getattr(row, name, None) for name in ROW_FIELDS}
+        values.update(zip(_COUNTS, row.counts, strict=True))
+        values.update(dict.fromkeys(_STAMPED, now))
+        values["started_at"] = row.started_at or now
+        return values
+
+
+def stored_revisions(db: Session, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """The stored revision of each of `ids` that has a row."""
+    query = select(_c.id, _c.revision).where(_c.id.in_(list(ids)))
+    return {row.id: row.revision for row in db.execute(query)}
