@@ -16,32 +16,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, text
 
+from worker.bench_options import BenchOptions
 from worker.db import task_db
 from worker.models import WritingSession
-
-
-@dataclass
-class BenchOptions:
-    """What to send and how."""
-
-    count: int = 10_000
-    size: int = 200
-    task: str = "save"
-    batch_size: int = 100
-    producers: int = 1
-    start_worker: bool = False
-    concurrency: int = 2
-    pool: str = "prefork"
-    prefill: bool = False
-    timeout: float = 600.0
-    keep: bool = False
-    interval: float = 0.0
+from worker.times import as_utc
 
 
 @dataclass
@@ -190,8 +173,9 @@ def wait_for_rows(
     """Poll until `count` rows of `tag` have landed (TimeoutError after `timeout` seconds).
 
     A count scans every row landed so far: the wait after one is 20 times what it took (at
-    least 0.2 s), so that the meter takes at most about 5% of a database core from the worker
-    it measures. The figures come from the rows' commit times, not from when a count saw them.
+    least 0.2 s), so that the meter takes at most a twentieth of a database core from the
+    worker it measures. The figures come from the rows' commit times, not from when a count
+    saw them.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -219,12 +203,7 @@ def commit_times(tag: str) -> dict[str, float]:
                 WritingSession.author_id == tag
             )
         )
-        return {
-            str(row.id): (
-                row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-            ).timestamp()
-            for row in rows
-        }
+        return {str(row.id): (as_utc(row.created_at)).timestamp() for row in rows}
 
 
 def drain_rate(commits: dict[str, float]) -> float:

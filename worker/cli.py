@@ -6,7 +6,8 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import fields
+from datetime import datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,9 +150,9 @@ def send(
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+    from worker.times import as_utc
+
+    return None if value is None else as_utc(value)
 
 
 @main.command()
@@ -258,69 +259,29 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
     click.echo(f"{len(replayed)} replayed")
 
 
+def bench_options(func: F) -> F:
+    """One click option per BenchOptions field, from the field's type, default and help."""
+    from worker.bench_options import BenchOptions
+
+    for option in reversed(fields(BenchOptions)):
+        if "help" not in option.metadata:
+            continue  # not a command-line option
+        names = [f"--{option.name.replace('_', '-')}", *option.metadata.get("short", ())]
+        if option.type in (bool, "bool"):
+            func = click.option(*names, is_flag=True, help=option.metadata["help"])(func)
+        else:
+            func = click.option(
+                *names,
+                type=option.metadata.get("type"),
+                default=option.default,
+                show_default=True,
+                help=option.metadata["help"],
+            )(func)
+    return func
+
+
 @main.command()
-@click.option(
-    "--count",
-    "-n",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="Writing sessions to send.",
-)
-@click.option(
-    "--size",
-    type=click.IntRange(0, 1_000_000),
-    default=200,
-    show_default=True,
-    help="Characters of content per session.",
-)
-@click.option("--task", type=click.Choice(["save", "save_many"]), default="save", show_default=True)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 1000),
-    default=100,
-    show_default=True,
-    help="Sessions per save_many message.",
-)
-@click.option(
-    "--producers",
-    type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Producer processes.",
-)
-@click.option(
-    "--interval",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    help="Seconds between two sends of a producer (paced load, for latency).",
-)
-@click.option("--start-worker", is_flag=True, help="Start (and stop) a worker of its own.")
-@click.option(
-    "--prefill",
-    is_flag=True,
-    help="With --start-worker: send everything first, then start the worker (drain rate).",
-)
-@click.option(
-    "-c",
-    "--concurrency",
-    type=click.IntRange(1),
-    default=2,
-    show_default=True,
-    help="Concurrency of the started worker.",
-)
-@click.option(
-    "-P",
-    "--pool",
-    type=click.Choice(["prefork", "threads", "solo"]),
-    default="prefork",
-    show_default=True,
-    help="Pool of the started worker.",
-)
-@click.option(
-    "--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for every row."
-)
+@bench_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @clean_errors
 def bench(as_json: bool, **options: Any) -> None:
@@ -408,13 +369,15 @@ def show(session_id: uuid.UUID) -> None:
 
 
 def _as_dict(row: Any, with_content: bool) -> dict[str, Any]:
+    from worker.times import as_utc
+
     data: dict[str, Any] = {}
     for column in row.__table__.columns:
         if column.key == "content" and not with_content:
             continue
         value = getattr(row, column.key)
         if isinstance(value, datetime):
-            value = value.replace(tzinfo=value.tzinfo or UTC).isoformat()
+            value = as_utc(value).isoformat()
         elif isinstance(value, uuid.UUID):
             value = str(value)
         data[column.key] = value
