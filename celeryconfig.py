@@ -90,10 +90,10 @@ task_publish_retry_policy = {
 worker_send_task_events = True
 task_send_sent_event = True
 # Celery's consumer, but task events go out in batches every 50 ms instead of about one
-# publish per event: that was a third of a busy worker's main process (worker/consumer.py).
+# publish per event (worker/consumer.py).
 worker_consumer = "worker.consumer:Consumer"
 
 # Results are for producers that wait on them; keep them a day, not forever.
 result_expires = 24 * 3600
-# Consumed from Celery's default queue (SPEC.md); producers need no routing.
+# Consumed from Celery's default queue (docs/contract.md); producers need no routing.
 task_default_queue = "celery"

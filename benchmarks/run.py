@@ -38,21 +38,32 @@ import psycopg2
 from psycopg2.extras import execute_values
 
 from worker.bench import content
+from worker.upsert import COLUMNS
 
 CLI = str(Path(sys.executable).parent / "writing-sessions")
-UPSERT = """
-INSERT INTO writing_session (id, topic, content, author_id, word_count, char_count, started_at,
-    ended_at, revision, deleted_at, created_at, updated_at)
-VALUES {values}
-ON CONFLICT (id) DO UPDATE SET topic = excluded.topic, content = excluded.content,
-    author_id = excluded.author_id, word_count = excluded.word_count,
-    char_count = excluded.char_count, started_at = excluded.started_at,
-    ended_at = excluded.ended_at, revision = excluded.revision, deleted_at = excluded.deleted_at,
-    updated_at = excluded.updated_at
-WHERE writing_session.revision < excluded.revision
-RETURNING id, revision, (xmax = 0)
-"""
-ONE_ROW = "(%s, %s, %s, %s, %s, %s, now(), NULL, 0, NULL, now(), now())"
+# The psycopg2 sides write the same rows as the worker, in plain SQL: the columns are the
+# model's, each with the value these sides give it (a new column must be given one here).
+VALUES = {
+    "id": "%s",
+    "topic": "%s",
+    "content": "%s",
+    "author_id": "%s",
+    "word_count": "%s",
+    "char_count": "%s",
+    "started_at": "now()",
+    "ended_at": "NULL",
+    "revision": "0",
+    "deleted_at": "NULL",
+    "created_at": "now()",
+    "updated_at": "now()",
+}
+UPSERT = (
+    f"INSERT INTO writing_session ({', '.join(COLUMNS)}) VALUES {{values}} "
+    "ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in COLUMNS if name not in ("id", "created_at"))
+    + " WHERE writing_session.revision < excluded.revision RETURNING id, revision, (xmax = 0)"
+)
+ONE_ROW = "(" + ", ".join(VALUES[name] for name in COLUMNS) + ")"
 CONTENT = content(200)
 
 
@@ -81,7 +92,7 @@ def _batched(args: tuple[str, int]) -> tuple[float, float]:
     tag, rows = args
     connection = psycopg2.connect(dsn())
     started = time.time()
-    template = "(%s, %s, %s, %s, %s, %s, now(), NULL, 0, NULL, now(), now())"
+    template = ONE_ROW
     with connection.cursor() as cursor:
         for start in range(0, rows, 1000):
             batch = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import sqlalchemy as sa
+
 from tests.conftest import count_rows, run_cli, run_python, service_env
 
 
@@ -117,3 +119,50 @@ print("loaded:", loaded)
 
     assert "--concurrency" in result.stdout and "writing-sessions worker" in result.stdout
     assert "loaded: []" in result.stdout
+
+
+def test_dead_letters_list_filters_by_time_and_by_what_is_pending(db, env, tmp_path):
+    rows = [
+        ("2026-11-01T10:00:00+00", None),
+        ("2026-11-10T10:00:00+00", "2026-11-11T00:00:00+00"),
+        ("2026-11-20T10:00:00+00", None),
+    ]
+    with db.begin() as connection:
+        for failed_at, replayed_at in rows:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO dead_letter (task_name, task_id, payload, error_type, error,"
+                    " attempts, failed_at, replayed_at) VALUES ('writing_sessions.save', NULL,"
+                    " '{}', 'InvalidPayloadError', :error, 1, :failed_at, :replayed_at)"
+                ),
+                {
+                    "error": f"failed {failed_at[:10]}",
+                    "failed_at": failed_at,
+                    "replayed_at": replayed_at,
+                },
+            )
+
+    def listed(*options: str) -> list[str]:
+        result = run_cli("dead-letters", "list", *options, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return [line.rsplit("failed ", 1)[1][:10] for line in result.stdout.splitlines()]
+
+    assert listed() == ["2026-11-20", "2026-11-10", "2026-11-01"]
+    assert listed("--since", "2026-11-05") == ["2026-11-20", "2026-11-10"]
+    assert listed("--until", "2026-11-15") == ["2026-11-10", "2026-11-01"]
+    assert listed("--since", "2026-11-05", "--until", "2026-11-15") == ["2026-11-10"]
+    assert listed("--pending") == ["2026-11-20", "2026-11-01"]
+
+
+def test_delete_with_wait_prints_the_outcome(env, start_worker, tmp_path):
+    start_worker()
+    session_id = str(uuid.uuid4())
+    sent = run_cli("send", "--id", session_id, "--topic", "Gone soon", "--wait", env=env)
+    assert sent.returncode == 0, sent.stderr
+
+    deleted = run_cli("delete", session_id, "--revision", "1", "--wait", env=env, cwd=tmp_path)
+
+    assert deleted.returncode == 0, deleted.stderr
+    first, second = deleted.stdout.splitlines()
+    assert first.startswith(f"sent delete of {session_id} as task ")
+    assert json.loads(second) == {"id": session_id, "outcome": "deleted", "revision": 1}

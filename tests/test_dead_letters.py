@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from tests.conftest import count_rows, new_session, run_cli, send_save, wait_for
 
-# Each class of bad input of SPEC.md: (task, args, kwargs, the error it must give).
+# Each class of bad input of docs/contract.md: (task, args, kwargs, the error it must give).
 BAD_MESSAGES = [
     ("writing_sessions.save", [{"id": str(uuid.uuid4())}], {}, "topic: is required"),
     ("writing_sessions.save", [new_session(colour="red")], {}, "colour: is not a known field"),

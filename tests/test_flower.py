@@ -21,14 +21,23 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 class Flower:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """A Flower process of a test, read over HTTP with its basic auth."""
+
+    def __init__(
+        self,
+        port: int,
+        process: subprocess.Popen[bytes],
+        log: Path,
+        credentials: str = f"{USER}:{PASSWORD}",
+    ) -> None:
         self.port, self.process, self.log = port, process, log
         self.url = f"http://127.0.0.1:{port}"
+        self.credentials = credentials
 
     def get(self, path: str, auth: bool = True) -> tuple[int, str]:
         request = urllib.request.Request(self.url + path)
         if auth:
-            token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+            token = base64.b64encode(self.credentials.encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import uuid
@@ -82,3 +83,33 @@ def test_text_logs_and_banner_never_show_the_broker_password(db, env, tmp_path):
     assert "ACCESS_REFUSED" in text
     assert "transport:   amqp://guest:**@127.0.0.1:5672//" in text
     assert "guest-secret-pw" not in text
+
+
+def test_text_logs_have_one_outcome_line_per_message_with_ids_and_duration(
+    db, producer, start_worker
+):
+    worker = start_worker(concurrency=1)
+    session = new_session()
+
+    send_save(producer, session).get(timeout=30)
+
+    line = wait_for(
+        lambda: next((li for li in worker.log().splitlines() if "outcome=created" in li), None),
+        10,
+        "the outcome line",
+    )
+    assert re.search(
+        r"INFO/ForkPoolWorker-\d+\] task created task_id=[0-9a-f-]{36} "
+        rf"task=writing_sessions\.save session_id={session['id']} outcome=created "
+        r"duration_ms=\d+(\.\d+)?$",
+        line,
+    ), line
+
+
+def test_sql_echo_logs_the_statements(db, producer, start_worker):
+    worker = start_worker(concurrency=1, extra_env={"SQL_ECHO": "1"})
+
+    send_save(producer, new_session()).get(timeout=30)
+
+    wait_for(lambda: "INSERT INTO writing_session" in worker.log(), 10, "the SQL in the log")
+    assert "ON CONFLICT (id) DO UPDATE" in worker.log()

@@ -15,6 +15,8 @@ import inspect
 
 import pytest
 
+pytestmark = pytest.mark.quick
+
 # (module:Class.method, signature, first 16 hex digits of the sha256 of its source)
 OVERRIDDEN = [
     ("kombu.transport.redis:QoS.append", "(self, message, delivery_tag)", "35c655f6ecc62fe6"),

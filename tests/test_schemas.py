@@ -1,4 +1,4 @@
-"""Every validation rule of SPEC.md, one bad payload each, and the counts the worker computes."""
+"""Every validation rule of docs/contract.md, one bad payload each, and the computed counts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 from worker.errors import InvalidPayloadError
 from worker.schemas import parse_delete, parse_writing_session
+
+pytestmark = pytest.mark.quick
 
 ID = str(uuid.uuid4())
 

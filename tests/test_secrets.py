@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import CELERY, new_session, run_cli, service_env, wait_for
 from tests.faults import PrivateRedis, RabbitVhost, ctl, free_port
+from tests.test_flower import Flower
 from worker.settings import load_settings
 
 DB_PASSWORD = "db-pw-7f3a9c"
@@ -28,24 +26,18 @@ RABBIT_PASSWORD = "rabbit-pw-0b47f2"
 PASSWORDS = (DB_PASSWORD, BROKER_PASSWORD, RESULTS_PASSWORD, FLOWER_PASSWORD, RABBIT_PASSWORD)
 
 
-class Flower:
-    """A Flower process of the test's own, read with its basic auth."""
-
-    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
-        self.url, self.process = f"http://127.0.0.1:{port}", process
-
-    def get(self, path: str, auth: bool = True) -> tuple[int, str]:
-        request = urllib.request.Request(self.url + path)
-        if auth:
-            token = base64.b64encode(f"ops:{FLOWER_PASSWORD}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except OSError:
-            return 0, ""
+def celery(env: dict[str, str], cwd: Path, node: str, *command: str) -> str:
+    """What `celery -A worker <command>` prints (an inspect asks only `node`)."""
+    destination = ["-d", node] if command[0] == "inspect" else []
+    run = subprocess.run(
+        [CELERY, "-A", "worker", *command, *destination],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return run.stdout + run.stderr
 
 
 def assert_no_password(outputs: dict[str, str]) -> None:
@@ -160,7 +152,7 @@ def test_no_password_leaks_through_worker_cli_flower_results_or_tables(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    flower = Flower(flower_port, flower_process)
+    flower = Flower(flower_port, flower_process, flower_log, f"ops:{FLOWER_PASSWORD}")
     outputs: dict[str, str] = {}
     try:
         wait_for(lambda: flower.get("/healthcheck", auth=False)[0] == 200, 60, "Flower")
@@ -212,21 +204,7 @@ def test_no_password_leaks_through_worker_cli_flower_results_or_tables(
             ("inspect", "active_queues"),
             ("report",),
         ):
-            run = subprocess.run(
-                [
-                    CELERY,
-                    "-A",
-                    "worker",
-                    *command,
-                    *(["-d", node] if command[0] == "inspect" else []),
-                ],
-                env=env,
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            outputs[f"celery {' '.join(command)}"] = run.stdout + run.stderr
+            outputs[f"celery {' '.join(command)}"] = celery(env, tmp_path, node, *command)
         assert DB_PASSWORD not in outputs["celery inspect conf"]
         assert "task_acks_late" in outputs["celery inspect conf"]
 
@@ -283,15 +261,7 @@ def test_no_password_leaks_with_a_rabbitmq_broker(
     outputs: dict[str, str] = {}
 
     for command in (("inspect", "conf"), ("inspect", "stats"), ("report",)):
-        run = subprocess.run(
-            [CELERY, "-A", "worker", *command, *(["-d", node] if command[0] == "inspect" else [])],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        outputs[f"celery {' '.join(command)}"] = run.stdout + run.stderr
+        outputs[f"celery {' '.join(command)}"] = celery(env, tmp_path, node, *command)
     health = run_cli("health", "--workers", env=env, cwd=tmp_path)
     outputs["writing-sessions health --workers"] = health.stdout + health.stderr
     worker.stop()

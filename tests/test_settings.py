@@ -7,6 +7,8 @@ import pytest
 from worker.errors import ConfigurationError
 from worker.settings import load_settings, mask_url
 
+pytestmark = pytest.mark.quick
+
 
 def test_plain_postgresql_url_selects_psycopg2():
     settings = load_settings({"DATABASE_URL": "postgresql://u:p@db:5432/ws"})

@@ -139,8 +139,8 @@ def _envelope(raw: bytes) -> Any:
 
     Without kombu's object hook, which turns {"__type__": ...} markers back into datetimes and
     the like: Celery writes none into an envelope (the body, where arguments are, is decoded
-    later by Celery with the hook), and the hook, called for every object, was a tenth of a
-    busy worker's main process.
+    later by Celery with the hook), and the hook is a Python call for every object of every
+    message, in the main process that every message goes through.
     """
     return json.loads(raw)
 

@@ -2,8 +2,8 @@
 
 Celery buffers task events (received, started, succeeded, ...) and publishes the buffer as one
 `task.multi` message on the next turn of the event loop. Under load a turn holds about one
-event, so that was a publish (a Redis round trip through kombu's producer) per event: a third
-of a busy worker's main process, which is what bounds `save` (benchmarks/README.md).
+event, so that is a publish (a Redis round trip through kombu's producer) per event, in the
+main process that every message goes through (figures: benchmarks/README.md).
 
 Here the buffer is published EVENT_FLUSH_SECONDS after the first event put in it (or as soon as
 it holds EVENT_BUFFER_LIMIT events: Celery's limit of 24 would publish every few messages of a
