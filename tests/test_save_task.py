@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -224,3 +225,12 @@ def test_text_is_stored_exactly_whatever_the_client_encoding_default(db, produce
     batch = [new_session(content=text) for _ in range(2)]
     rows = write_both_ways(db, producer, new_session(content=text), batch, "content")
     assert [content for (content,) in rows] == [text] * 3
+
+
+def test_the_parent_loads_the_database_driver_so_that_children_share_it(db, start_worker):
+    worker = start_worker(concurrency=1)
+
+    maps = Path(f"/proc/{worker.pid}/maps").read_text()
+
+    # psycopg2's C extension, loaded before the fork (worker/db.py, worker_init).
+    assert "psycopg2" in maps

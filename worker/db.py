@@ -124,6 +124,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     pool_name = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', pool)}".lower()
     threaded = any(kind in pool_name for kind in ("thread", "gevent", "eventlet"))
     _pool_size = int(getattr(sender, "concurrency", 1) or 1) if threaded else 1
+    # Load the database driver (psycopg2, libpq) here, before the fork: the children share its
+    # pages, where each would otherwise load its own copy when it makes its engine.
+    make_url(settings.database_url).get_dialect().import_dbapi()
 
 
 @signals.worker_process_init.connect
