@@ -31,9 +31,12 @@ task_reject_on_worker_lost = True
 # worker's held messages come back by heartbeat within seconds (worker/broker.py), and the
 # transport holds about 8 MB of large messages at most, whatever the count.
 worker_prefetch_multiplier = 64
-# With late acks a lost broker connection redelivers running tasks; cancel ours rather than
-# let them finish as duplicates (writes are idempotent either way).
-worker_cancel_long_running_tasks_on_connection_loss = True
+# With late acks a lost broker connection redelivers running tasks (by heartbeat). Let them
+# finish: the copies end `duplicate`. Cancelling would kill the child writing a whole group,
+# and Celery 5.7's consumer then may re-register the dying child's pipe with its event loop and
+# stop ("Unrecoverable error: ValueError('file descriptor is None')", seen under Redis
+# restarts in tests/test_faults.py).
+worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 
 # Time limits below the visibility timeout, so Redis never redelivers a task still running.

@@ -86,8 +86,9 @@ def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
     [
         ("--count", "300"),
         ("--count", "300", "--broker", "memory"),
-        ("--count", "600", "--grouped", "--prefetch-multiplier", "100"),
-        ("--count", "600", "--grouped", "--prefetch-multiplier", "100", "--broker", "memory"),
+        # Grouped drains are fast: enough messages that the drain lasts more than a blink.
+        ("--count", "6000", "--grouped", "--prefetch-multiplier", "100"),
+        ("--count", "6000", "--grouped", "--prefetch-multiplier", "100", "--broker", "memory"),
         ("--count", "300", "--profile"),
     ],
     ids=["redis", "memory", "grouped-redis", "grouped-memory", "profiled"],

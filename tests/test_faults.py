@@ -390,7 +390,12 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
     broker = redis.Redis.from_url(private_redis.url)
     in_flight = []
     for restart in range(16):
-        wait_for(lambda r=restart: count_rows(db) >= 120 * (r + 1), 120, "progress")
+        wait_for(
+            lambda r=restart: count_rows(db) >= 120 * (r + 1) or sender.poll() is not None,
+            120,
+            "progress",
+        )
+        assert sender.poll() is None, f"the producer stopped: {sender.stderr.read()[-2000:]}"
         in_flight.append(broker.hlen("unacked"))
         private_redis.restart()
         assert worker.alive(), worker.log()[-3000:]
