@@ -106,6 +106,24 @@ def start_python(script: str, env: dict[str, str], payloads: list[dict]) -> subp
         )
 
 
+def start_fed_python(script: str, env: dict[str, str]) -> subprocess.Popen:
+    """Run `script` in a new Python process whose stdin the test feeds, a few payloads at a time."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def feed(process: subprocess.Popen, payloads: list[dict]) -> None:
+    assert process.stdin is not None
+    process.stdin.write("".join(json.dumps(p) + "\n" for p in payloads))
+    process.stdin.flush()
+
+
 def confirming_producers(env: dict[str, str], payloads: list[dict], processes: int):
     """Start producer processes that each send their share with confirm=True."""
     return [
@@ -384,7 +402,11 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
     worker = start_worker(concurrency=2, base_env=env)
     plain = [new_session() for _ in range(2500)]
     confirmed = [new_session() for _ in range(300)]
-    sender = start_python(SENDING_PRODUCER, env, plain)
+    # The plain producer is fed ahead of the restarts (400 payloads, then 130 more before each),
+    # so it is still sending at every restart however fast the worker drains.
+    sender = start_fed_python(SENDING_PRODUCER, env)
+    feed(sender, plain[:400])
+    fed = 400
     confirmers = confirming_producers(env, confirmed, processes=4)
 
     broker = redis.Redis.from_url(private_redis.url)
@@ -396,9 +418,12 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
             "progress",
         )
         assert sender.poll() is None, f"the producer stopped: {sender.stderr.read()[-2000:]}"
+        feed(sender, plain[fed : fed + 130])
+        fed += 130
         in_flight.append(broker.hlen("unacked"))
         private_redis.restart()
         assert worker.alive(), worker.log()[-3000:]
+    feed(sender, plain[fed:])
     out, err = sender.communicate(timeout=240)
     assert sender.returncode == 0, err[-2000:]
     assert int(out) == len(plain)
