@@ -174,6 +174,18 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of the test's own, with append-only persistence (tests/faults.py)."""
+    from tests.faults import PrivateRedis  # tests.faults imports this module
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = PrivateRedis(directory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def env(database_url: str, redis_url: str, db: sa.Engine) -> dict[str, str]:
     """The environment of a worker or CLI of this test."""
     return service_env(

@@ -24,18 +24,9 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from tests.conftest import ROOT, run_cli, service_env, wait_for
-from tests.faults import PrivateRedis, free_port
+from tests.faults import free_port
 
 QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    private = PrivateRedis(directory)
-    yield private
-    private.stop()
 
 
 def ours(url: str, **options: Any) -> Connection:
@@ -98,13 +89,13 @@ def drain(connection: Connection, until: Any, timeout: float = 10) -> None:
             connection.drain_events(timeout=0.5)
 
 
-def test_one_script_call_takes_a_batch_and_records_every_message_of_it(server):
-    bodies = publish(server.url, 10)
-    client = redis.Redis.from_url(server.url)
+def test_one_script_call_takes_a_batch_and_records_every_message_of_it(private_redis):
+    bodies = publish(private_redis.url, 10)
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=8, accept=["json"]),
     ):
         before = calls(client)
@@ -124,10 +115,10 @@ def test_one_script_call_takes_a_batch_and_records_every_message_of_it(server):
     assert (held_in_redis, waiting, len(owners), owned) == (8, 2, 1, 8)
 
 
-def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(server, monkeypatch):
+def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(private_redis, monkeypatch):
     monkeypatch.setattr("worker.broker.HELD_BYTES", 4000)
-    client = redis.Redis.from_url(server.url)
-    with stock(server.url) as connection:
+    client = redis.Redis.from_url(private_redis.url)
+    with stock(private_redis.url) as connection:
         producer = Producer(connection)
         for n in range(10):
             producer.publish(
@@ -144,7 +135,7 @@ def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(server, mon
         message.ack()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[note_and_ack], prefetch_count=10, accept=["json"]),
     ):
         drain(connection, lambda: len(held_at_each_delivery) == 10)
@@ -154,12 +145,12 @@ def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(server, mon
     assert client.llen("jobs") == 0
 
 
-def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(server):
-    client = redis.Redis.from_url(server.url)
+def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(private_redis):
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
     # A 30 s wait: a message that arrives sooner is handed out by the wake-up, not a timeout.
     with (
-        ours(server.url, polling_interval=30) as connection,
+        ours(private_redis.url, polling_interval=30) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=4, accept=["json"]),
     ):
         connection.transport.brpop_timeout = 30
@@ -168,7 +159,7 @@ def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(server):
         wait_for(lambda: any(c["cmd"] == "blmove" for c in client.client_list()), 10, "the wait")
         waiting_before = client.llen("jobs")
         sent_at = time.monotonic()
-        (body,) = publish(server.url, 1)
+        (body,) = publish(private_redis.url, 1)
         waiter.join(25)
         woke_after = time.monotonic() - sent_at
 
@@ -178,13 +169,13 @@ def test_an_idle_consumer_waits_without_taking_and_wakes_at_once(server):
     assert calls(client).get("brpop", 0) == 0
 
 
-def test_acknowledgements_of_a_batch_go_in_one_round_trip(server):
-    publish(server.url, 8)
-    client = redis.Redis.from_url(server.url)
+def test_acknowledgements_of_a_batch_go_in_one_round_trip(private_redis):
+    publish(private_redis.url, 8)
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=8, accept=["json"]),
     ):
         drain(connection, lambda: len(received.messages) == 8)
@@ -201,22 +192,22 @@ def test_acknowledgements_of_a_batch_go_in_one_round_trip(server):
     assert acked.get("hdel") == 1 and acked.get("zrem") == 1 and acked.get("srem") == 1
 
 
-def test_a_consumer_without_acknowledgements_leaves_nothing_recorded(server):
+def test_a_consumer_without_acknowledgements_leaves_nothing_recorded(private_redis):
     # Celery's control replies (inspect, ping) are consumed this way.
-    publish(server.url, 3)
-    client = redis.Redis.from_url(server.url)
+    publish(private_redis.url, 3)
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], no_ack=True, accept=["json"]),
     ):
         drain(connection, lambda: len(received.messages) == 3)
         connection.transport.cycle.on_poll_start()
         connection.default_channel.flush_settlements()
         held = client.hlen("unacked")
-        with ours(server.url) as other:
-            publish(server.url, 1)
+        with ours(private_redis.url) as other:
+            publish(private_redis.url, 1)
             got = other.default_channel.basic_get("jobs", no_ack=True)
             other.default_channel.flush_settlements()
             held_after_get = client.hlen("unacked")
@@ -225,13 +216,13 @@ def test_a_consumer_without_acknowledgements_leaves_nothing_recorded(server):
     assert held == 0 and held_after_get == 0
 
 
-def test_closing_returns_held_messages_to_the_queue_in_their_order(server):
-    bodies = publish(server.url, 6)
-    client = redis.Redis.from_url(server.url)
+def test_closing_returns_held_messages_to_the_queue_in_their_order(private_redis):
+    bodies = publish(private_redis.url, 6)
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=6, accept=["json"]),
     ):
         drain(connection, lambda: len(received.messages) == 6)
@@ -239,7 +230,7 @@ def test_closing_returns_held_messages_to_the_queue_in_their_order(server):
             message.ack()
     again = Received()
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[again], prefetch_count=6, accept=["json"]),
     ):
         drain(connection, lambda: len(again.messages) == 4)
@@ -254,8 +245,8 @@ def test_closing_returns_held_messages_to_the_queue_in_their_order(server):
     assert list(client.scan_iter("unacked_by:*")) == []
 
 
-def test_a_rejected_message_goes_back_to_the_end_of_its_queue(server):
-    bodies = publish(server.url, 3)
+def test_a_rejected_message_goes_back_to_the_end_of_its_queue(private_redis):
+    bodies = publish(private_redis.url, 3)
     received = Received()
 
     def reject_the_first_ack_the_rest(body: Any, message: Any) -> None:
@@ -266,7 +257,7 @@ def test_a_rejected_message_goes_back_to_the_end_of_its_queue(server):
             message.ack()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(
             connection,
             [QUEUE],
@@ -280,13 +271,13 @@ def test_a_rejected_message_goes_back_to_the_end_of_its_queue(server):
     assert received.bodies == [bodies[0], bodies[1], bodies[2], bodies[0]]
 
 
-def test_higher_priority_lists_are_fetched_first(server):
-    low = publish(server.url, 2, priority=6)
-    high = publish(server.url, 2, priority=0)
+def test_higher_priority_lists_are_fetched_first(private_redis):
+    low = publish(private_redis.url, 2, priority=6)
+    high = publish(private_redis.url, 2, priority=0)
     received = Received()
 
     with (
-        ours(server.url) as connection,
+        ours(private_redis.url) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=4, accept=["json"]),
     ):
         drain(connection, lambda: len(received.messages) == 4)
@@ -327,16 +318,16 @@ def hold_and_die(url: str, transport: str, count: int) -> None:
     holder.wait(10)
 
 
-def test_a_dead_consumers_messages_come_back_by_heartbeat(server):
-    bodies = publish(server.url, 5)
-    hold_and_die(server.url, "worker.broker:Transport", 5)
-    client = redis.Redis.from_url(server.url)
+def test_a_dead_consumers_messages_come_back_by_heartbeat(private_redis):
+    bodies = publish(private_redis.url, 5)
+    hold_and_die(private_redis.url, "worker.broker:Transport", 5)
+    client = redis.Redis.from_url(private_redis.url)
     received = Received()
     held_at_death = client.hlen("unacked")
 
     with (
         ours(
-            server.url, consumer_heartbeat_timeout=2, consumer_heartbeat_interval=0.5
+            private_redis.url, consumer_heartbeat_timeout=2, consumer_heartbeat_interval=0.5
         ) as connection,
         Consumer(connection, [QUEUE], callbacks=[received], prefetch_count=10, accept=["json"]),
     ):
@@ -359,15 +350,15 @@ def test_a_dead_consumers_messages_come_back_by_heartbeat(server):
     ids=["stock restores ours", "ours restores stock"],
 )
 def test_a_mixed_fleet_restores_each_others_messages_after_the_visibility_timeout(
-    server, dies, restores
+    private_redis, dies, restores
 ):
-    bodies = publish(server.url, 4)
-    hold_and_die(server.url, dies, 4)
+    bodies = publish(private_redis.url, 4)
+    hold_and_die(private_redis.url, dies, 4)
     received = Received()
 
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(private_redis.url)
     options = {"visibility_timeout": 1, "unacked_restore_throttle": 1}
-    with Connection(server.url, transport=restores, transport_options=options) as connection:
+    with Connection(private_redis.url, transport=restores, transport_options=options) as connection:
         qos = connection.default_channel.qos
 
         def restored() -> bool:

@@ -34,7 +34,6 @@ from tests.conftest import (
     worker_connections,
 )
 from tests.faults import (
-    PrivateRedis,
     RabbitVhost,
     duplicates,
     held_by,
@@ -367,15 +366,6 @@ def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
         lost=0,
         dead_letters=0,
     )
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = PrivateRedis(directory)
-    yield server
-    server.stop()
 
 
 SENDING_PRODUCER = """

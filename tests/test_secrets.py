@@ -69,35 +69,24 @@ def test_settings_repr_and_str_mask_every_password():
 
 
 @pytest.fixture
-def secured_redis(tmp_path: Path) -> Iterator[tuple[str, str]]:
+def secured_redis(private_redis: PrivateRedis) -> tuple[str, str]:
     """A private Redis with a broker user and a results user, each with its own password."""
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = PrivateRedis(directory)
-    admin = redis.Redis.from_url(server.url)
-    admin.acl_setuser(
-        "ws-broker",
-        enabled=True,
-        passwords=[f"+{BROKER_PASSWORD}"],
-        keys="*",
-        channels="*",
-        commands=["+@all"],
-    )
-    admin.acl_setuser(
-        "ws-results",
-        enabled=True,
-        passwords=[f"+{RESULTS_PASSWORD}"],
-        keys="*",
-        channels="*",
-        commands=["+@all"],
-    )
+    admin = redis.Redis.from_url(private_redis.url)
+    for user, password in (("ws-broker", BROKER_PASSWORD), ("ws-results", RESULTS_PASSWORD)):
+        admin.acl_setuser(
+            user,
+            enabled=True,
+            passwords=[f"+{password}"],
+            keys="*",
+            channels="*",
+            commands=["+@all"],
+        )
     admin.close()
-    host = f"127.0.0.1:{server.port}/0"
-    yield (
+    host = f"127.0.0.1:{private_redis.port}/0"
+    return (
         f"redis://ws-broker:{BROKER_PASSWORD}@{host}",
         f"redis://ws-results:{RESULTS_PASSWORD}@{host}",
     )
-    server.stop()
 
 
 def redis_contents(url: str) -> str:
