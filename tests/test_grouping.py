@@ -8,7 +8,19 @@ import subprocess
 import uuid
 from collections import Counter, defaultdict
 
-from tests.conftest import CELERY, count_rows, new_session, send_save, wait_for
+import pytest
+import redis
+
+from tests.conftest import (
+    CELERY,
+    ROOT,
+    count_rows,
+    new_session,
+    run_python,
+    send_save,
+    service_env,
+    wait_for,
+)
 from tests.test_events import _task_batches, events  # noqa: F401  (a fixture)
 
 
@@ -121,3 +133,49 @@ def test_at_info_each_message_logs_one_line_and_celerys_own_lines_move_to_debug(
     log = worker.log()
     assert log.count("outcome=created") == 3
     assert "] received" not in log and "succeeded in" not in log
+
+
+BUG_THEN_OUTAGE = """
+import json, sys
+from worker import store
+from worker.app import app
+from worker.errors import TransientError
+from worker.grouping import Item, run_group
+calls = []
+
+def write_group(db, rows, now):
+    calls.append(len(rows))
+    if len(calls) == 1:
+        raise ValueError("a bug that only the whole group meets")
+    raise TransientError("the database went away")
+
+store.write_group = write_group
+app.loader.import_default_modules()  # the tasks, as a worker registers them
+items = [
+    Item(f"task-{n}", "writing_sessions.save", (session,), {}, 0, None, None)
+    for n, session in enumerate(json.loads(sys.argv[1]))
+]
+states = [state for state, _, _ in run_group(items)]
+print(json.dumps({"states": states, "calls": calls}))
+"""
+
+
+@pytest.mark.quick
+def test_a_transient_fault_while_a_failed_group_is_split_retries_each_message(
+    database_url, redis_url
+):
+    env = service_env(
+        DATABASE_URL=database_url, CELERY_BROKER_URL=redis_url, CELERY_RESULT_BACKEND=redis_url
+    )
+    sessions = [new_session(), new_session()]
+
+    printed = run_python(BUG_THEN_OUTAGE, json.dumps(sessions), env=env, cwd=ROOT)
+
+    decided = json.loads(printed.stdout.splitlines()[-1])
+    assert decided["states"] == ["RETRY", "RETRY"]
+    assert decided["calls"] == [2, 1, 1]  # the group, then each message alone
+    broker = redis.Redis.from_url(redis_url)
+    retried = [json.loads(raw)["headers"] for raw in broker.lrange("celery", 0, -1)]
+    broker.close()
+    assert sorted(h["id"] for h in retried) == ["task-0", "task-1"]
+    assert {h["retries"] for h in retried} == {1}

@@ -292,7 +292,7 @@ def run_group(items: list[Item]) -> list[Report]:
         else:
             # A bug, not bad input: each message alone, so that only its own fails.
             decisions = [
-                _write([item], [row], now)[0] for item, row in zip(items, rows, strict=True)
+                _write_alone(item, row, now) for item, row in zip(items, rows, strict=True)
             ]
     runtime = time.perf_counter() - started
     check_for_leak(f"a group of {len(items)} messages (first {items[0].task_id})")
@@ -328,6 +328,16 @@ def _write(items: list[Item], rows: list[Row | InvalidPayloadError], now: Any) -
             _add_dead_letter(db, items[0], exc)
         return [(states.FAILURE, exc)]
     return decisions
+
+
+def _write_alone(item: Item, row: Row | InvalidPayloadError, now: Any) -> Decision:
+    """One message of a group that failed on a bug; a transient fault meanwhile retries it."""
+    try:
+        return _write([item], [row], now)[0]
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return _retry_or_dead_letter([item], exc)[0]
 
 
 def _retry_or_dead_letter(items: list[Item], exc: Exception) -> list[Decision]:
