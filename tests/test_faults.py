@@ -10,12 +10,15 @@ Guarantees.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,6 +381,59 @@ for line in sys.stdin:
     time.sleep(0.002)
 print(sent)
 """
+
+
+def unread_bytes(pid: int) -> int:
+    """Bytes waiting in the pipes process `pid` holds (a job written to a pool child, say)."""
+    waiting = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if not os.readlink(fd).startswith("pipe:"):
+            continue
+        reopened = os.open(fd, os.O_RDONLY | os.O_NONBLOCK)  # the same pipe, as a reader
+        try:
+            waiting += struct.unpack("i", fcntl.ioctl(reopened, termios.FIONREAD, b"\0" * 4))[0]
+        finally:
+            os.close(reopened)
+    return waiting
+
+
+def test_warm_shutdown_reads_the_results_of_groups_a_child_had_not_yet_accepted(
+    db, env, start_worker
+):
+    # Children stopped: each gets a group written into its pipe that it cannot acknowledge, and
+    # the warm shutdown starts with both groups in that state. Celery's pool flush forgets such
+    # jobs; the children run them once continued, so their messages must be acknowledged, not
+    # returned to the queue to run again.
+    first = start_worker(concurrency=2)
+    children = first.children()
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    payloads = [new_session() for _ in range(200)]
+    fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
+    wait_for(lambda: all(unread_bytes(c) for c in children), 30, "a group in each child's pipe")
+
+    first.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Warm shutdown" in first.log(), 30, "the warm shutdown to start")
+    for child in children:
+        os.kill(child, signal.SIGCONT)
+    assert first.process.wait(60) == 0
+    written_by_first = count_rows(db)
+    second = start_worker(concurrency=2)
+    wait_for(lambda: count_rows(db) == len(payloads), 120, "every row")
+
+    assert written_by_first > 0, "the groups in the children's pipes must have run"
+    assert_every_message_home(db, payloads)
+    assert duplicates(first.log(), second.log()) == 0
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    assert held_by(broker, first.pid) == 0
+    broker.close()
+    report(
+        "warm shutdown with groups written to stopped children",
+        sent=len(payloads),
+        written_before_exit=written_by_first,
+        duplicates=0,
+        lost=0,
+    )
 
 
 def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(

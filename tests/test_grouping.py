@@ -130,7 +130,10 @@ def test_at_info_each_message_logs_one_line_and_celerys_own_lines_move_to_debug(
     for result in [send_save(producer, new_session()) for _ in range(3)]:
         result.get(timeout=30)
 
-    log = worker.log()
+    # A child stores a group's results, then logs its lines: poll for the third line.
+    log = wait_for(
+        lambda: (text := worker.log()).count("outcome=created") == 3 and text, 10, "3 lines"
+    )
     assert log.count("outcome=created") == 3
     assert "] received" not in log and "succeeded in" not in log
 

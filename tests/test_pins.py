@@ -52,6 +52,9 @@ OVERRIDDEN = [
         "0429cadc8bf9dc54",
     ),
     ("celery.worker.consumer.consumer:Consumer.shutdown", "(self)", "a081dc7db4a98b33"),
+    ("celery.worker.consumer.consumer:Consumer.on_close", "(self)", "e96d425dce0ae6a3"),
+    # Not overridden, but Consumer.on_close above undoes part of what it does.
+    ("celery.concurrency.asynpool:AsynPool.flush", "(self)", "a7671d710b578e35"),
     (
         "celery.backends.redis:RedisBackend._store_result",
         "(self, task_id, result, state, traceback=None, request=None, **kwargs)",

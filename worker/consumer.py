@@ -9,6 +9,13 @@ Here the buffer is published EVENT_FLUSH_SECONDS after the first event put in it
 it holds EVENT_BUFFER_LIMIT events: Celery's limit of 24 would publish every few messages of a
 group), and before the consumer shuts down. Every event is still sent; Flower and `celery
 events` see it up to EVENT_FLUSH_SECONDS later.
+
+At close (warm shutdown, or a lost connection) Celery flushes the prefork pool, which forgets
+every job that no child has acknowledged yet, "since the broker redelivers it". A job already
+written to a child's pipe runs all the same: forgotten, its result is never read (the child then
+waits 30 s for that before it exits) and its messages, a whole group, are never acknowledged
+and run again as `duplicate`. `on_close` keeps those jobs, so the pool's join reads their results.
+
 Selected by `worker_consumer` in celeryconfig.py.
 """
 
@@ -40,6 +47,17 @@ class Consumer(CeleryConsumer):
             return
         self._event_flush_at = now + EVENT_FLUSH_SECONDS
         self.hub.call_later(EVENT_FLUSH_SECONDS, self._flush_events_promise)
+
+    def on_close(self) -> None:
+        cache = getattr(getattr(self.pool, "_pool", None), "_cache", None)  # prefork only
+        written = {
+            key: job
+            for key, job in (cache or {}).items()
+            if getattr(job, "_write_to", None) is not None and not job._accepted
+        }
+        super().on_close()
+        if cache is not None:
+            cache.update(written)
 
     def shutdown(self) -> None:
         # The events of the last tasks, before the events step closes the dispatcher.
