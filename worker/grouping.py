@@ -45,7 +45,7 @@ from worker.logs import log_outcome
 from worker.results import store_results
 from worker.schemas import parse_delete, parse_writing_session
 from worker.settings import settings
-from worker.task import backoff, is_transient
+from worker.task import backoff, is_transient, log_retry
 from worker.times import utcnow
 from worker.upsert import Row, Tombstone
 
@@ -384,13 +384,7 @@ def _retry_or_dead_letter(items: list[Item], exc: Exception) -> list[Decision]:
                 logger.warning("could not send the retry of %s: %s", item.task_id, send_exc)
                 decisions.append((REQUEUE, None))
                 continue
-            logger.warning(
-                "transient fault, retry %d in %ss: %s%s",
-                item.retries + 1,
-                countdown,
-                error,
-                " (the dead letter too)" if item.task_id in exhausted else "",
-            )
+            log_retry(item.retries + 1, countdown, error, item.task_id in exhausted)
             decisions.append((states.RETRY, error))
     return decisions
 

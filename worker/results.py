@@ -57,6 +57,27 @@ class RedisBackend(CeleryRedisBackend):
         if self.serializer != "json":
             # The script reads the stored result as JSON; anything else takes Celery's path.
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        entry = self._entry(task_id, result, state, traceback, request)
+        self.ensure(self._run_store_script, entry)
+        return result
+
+    def store_results(self, results: Sequence[tuple[str, Any, str]]) -> None:
+        """Store many (task id, result, state) in one round trip, each by the rule above."""
+        if self.serializer != "json":
+            for task_id, result, state in results:
+                self.store_result(task_id, result, state)
+            return
+        entries = [
+            self._entry(task_id, self.encode_result(result, state), state)
+            for task_id, result, state in results
+        ]
+        if entries:
+            self.ensure(self._run_store_scripts, (entries,))
+
+    def _entry(
+        self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None
+    ) -> tuple[bytes, str, int]:
+        """The key, the encoded meta (as Celery writes it) and the expiry of one result."""
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
@@ -67,33 +88,7 @@ class RedisBackend(CeleryRedisBackend):
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._run_store_script, (self.get_key_for_task(task_id), value, expires or 0))
-        return result
-
-    def store_results(self, results: Sequence[tuple[str, Any, str]]) -> None:
-        """Store many (task id, result, state) in one round trip, each by the rule above."""
-        if self.serializer != "json":
-            for task_id, result, state in results:
-                self.store_result(task_id, result, state)
-            return
-        entries = []
-        for task_id, result, state in results:
-            meta = self._get_result_meta(
-                result=self.encode_result(result, state),
-                state=state,
-                traceback=None,
-                request=None,
-            )
-            meta["task_id"] = task_id
-            value = self.encode(meta)
-            if len(value) > self._MAX_STR_VALUE_SIZE:
-                raise BackendStoreError(
-                    "value too large for Redis backend", state=state, task_id=task_id
-                )
-            expires = self.failure_expires if state == states.FAILURE else self.expires
-            entries.append((self.get_key_for_task(task_id), value, int(expires or 0)))
-        if entries:
-            self.ensure(self._run_store_scripts, (entries,))
+        return self.get_key_for_task(task_id), value, int(expires or 0)
 
     def _run_store_scripts(self, entries: list[tuple[bytes, str, int]]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -102,7 +97,7 @@ class RedisBackend(CeleryRedisBackend):
         pipe.execute()
 
     def _run_store_script(self, key: bytes, value: str, expires: int) -> None:
-        self._store_script(keys=[key], args=[value, int(expires)])
+        self._store_script(keys=[key], args=[value, expires])
 
     @cached_property
     def _store_script(self) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -76,13 +76,7 @@ def save_many(
     """
     now = now or utcnow()
     counts = dict.fromkeys((CREATED, UPDATED, DUPLICATE, STALE), 0)
-    # Keyed and ordered by the id's integer: UUID's own hash and comparisons run in Python,
-    # and the integer order is PostgreSQL's uuid order.
-    winners: dict[int, int] = {}
-    for index, item in enumerate(items):
-        best = winners.get(item.id.int)
-        if best is None or item.revision > items[best].revision:
-            winners[item.id.int] = index
+    winners = _winners(items, range(len(items)))
     for index, item in enumerate(items):
         winner = winners[item.id.int]
         if index != winner:
@@ -111,11 +105,7 @@ def write_group(
     results: list[Outcome | InvalidPayloadError | None] = [None] * len(rows)
     pending = list(range(len(rows)))
     while pending:
-        winners: dict[int, int] = {}
-        for index in pending:
-            best = winners.get(rows[index].id.int)
-            if best is None or rows[index].revision > rows[best].revision:
-                winners[rows[index].id.int] = index
+        winners = _winners(rows, pending)
         refused: list[tuple[int, str]] = []
         ordered = [winners[key] for key in sorted(winners)]
         written = _upsert_in_id_order(db, rows, ordered, now, refused)
@@ -137,6 +127,21 @@ def write_group(
             results[index] = Outcome(rows[index].id, decision, stored)
         pending = next_pending
     return [result for result in results if result is not None]
+
+
+def _winners(rows: Sequence[Row], indexes: Iterable[int]) -> dict[int, int]:
+    """The index of the highest revision of each id (the first of equal ones), by the id.
+
+    Keyed by the id's integer: UUID's own hash and comparisons run in Python, and the integer
+    order is PostgreSQL's uuid order (sorting the keys gives the rows in id order).
+    """
+    winners: dict[int, int] = {}
+    for index in indexes:
+        key = rows[index].id.int
+        best = winners.get(key)
+        if best is None or rows[index].revision > rows[best].revision:
+            winners[key] = index
+    return winners
 
 
 def _upsert_in_id_order(

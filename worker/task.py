@@ -48,6 +48,19 @@ def backoff(retries: int) -> float:
     )
 
 
+def log_retry(
+    retry: int, countdown: float, error: Exception, dead_letter_too: bool = False
+) -> None:
+    """The warning of a transient fault: which retry, after how long, and why."""
+    logger.warning(
+        "transient fault, retry %d in %ss: %s%s",
+        retry,
+        countdown,
+        error,
+        " (the dead letter too)" if dead_letter_too else "",
+    )
+
+
 class WritingSessionsTask(Task):
     """Base of the writing_sessions.* tasks."""
 
@@ -94,7 +107,7 @@ class WritingSessionsTask(Task):
         error = TransientError(one_line(exc))
         if self.max_retries is None or retries < self.max_retries:
             countdown = backoff(retries)
-            logger.warning("transient fault, retry %d in %ss: %s", retries + 1, countdown, error)
+            log_retry(retries + 1, countdown, error)
             raise self.retry(exc=error, countdown=countdown) from exc
         try:
             self._dead_letter(error, args, kwargs)
@@ -103,12 +116,7 @@ class WritingSessionsTask(Task):
                 raise
             # The database still refuses even the dead letter: keep the message on the broker
             # rather than drop it, and try again at the backoff cap.
-            logger.warning(
-                "transient fault, retry %d in %ss: %s (the dead letter too)",
-                retries + 1,
-                self.retry_backoff_max,
-                error,
-            )
+            log_retry(retries + 1, self.retry_backoff_max, error, dead_letter_too=True)
             # (max_retries=None would mean the task's own limit, which is spent: the limit of
             # this one retry is one more than the retries so far.)
             raise self.retry(
