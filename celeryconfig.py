@@ -26,8 +26,9 @@ timezone = "UTC"
 # At-least-once: acknowledge after the task ran, and redeliver if the child running it dies.
 task_acks_late = True
 task_reject_on_worker_lost = True
-# Messages waiting in a worker are what group commit writes together (worker/grouping.py): 64
-# per process lets each child take groups of up to 64 while the next ones arrive. A dead
+# Messages waiting in a worker are what group commit writes together
+# (worker/celery_ext/group_commit.py): 64 per process lets each child take groups of up to 64
+# while the next ones arrive. A dead
 # worker's held messages come back by heartbeat within seconds (worker/broker.py), and the
 # transport holds about 8 MB of large messages at most, whatever the count.
 worker_prefetch_multiplier = 64
@@ -95,6 +96,11 @@ task_send_sent_event = True
 # Celery's consumer, but task events go out in batches every 50 ms instead of about one
 # publish per event (worker/consumer.py).
 worker_consumer = "worker.consumer:Consumer"
+
+# A message that cannot be turned into a task request (a body that is not [args, kwargs,
+# embed], an unknown task name, undecodable content) is kept as a dead letter and acknowledged,
+# instead of being dropped or stopping the worker (worker/celery_ext/malformed.py).
+malformed_message_handler = "worker.dead_letters:keep_malformed"
 
 # Results are for producers that wait on them; keep them a day, not forever.
 result_expires = 24 * 3600

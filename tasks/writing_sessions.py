@@ -9,14 +9,10 @@ from worker.app import app
 from worker.db import task_db
 from worker.errors import InvalidPayloadError
 from worker.schemas import parse_batch, parse_delete, parse_writing_session
-from worker.task import WritingSessionsTask
-
-# Messages of save and delete waiting in a worker are written together (worker/grouping.py);
-# this function is each message's path when it runs alone (embedded broker, countdowns).
-GROUP_COMMIT = "worker.grouping:strategy"
+from worker.task import GroupCommitTask, WritingSessionsTask, add_dead_letter
 
 
-@app.task(name="writing_sessions.save", base=WritingSessionsTask, Strategy=GROUP_COMMIT)
+@app.task(name="writing_sessions.save", base=GroupCommitTask)
 def save(writing_session: Any) -> dict[str, Any]:
     """Persist one writing session: created, updated, duplicate or stale by revision."""
     item = parse_writing_session(writing_session)
@@ -37,11 +33,11 @@ def save_many(self: WritingSessionsTask, writing_sessions: Any) -> dict[str, int
         # These dead letters commit with the valid items: a retry writes both again, never
         # one of them twice.
         for item, error in rejected:
-            self.add_dead_letter(db, args=[[item]], kwargs={}, error=InvalidPayloadError(error))
+            add_dead_letter(self, db, args=[[item]], kwargs={}, error=InvalidPayloadError(error))
     return {**written.counts, "rejected": len(rejected)}
 
 
-@app.task(name="writing_sessions.delete", base=WritingSessionsTask, Strategy=GROUP_COMMIT)
+@app.task(name="writing_sessions.delete", base=GroupCommitTask)
 def delete(id: Any, revision: Any) -> dict[str, Any]:
     """Erase a session to a tombstone: deleted, duplicate or stale by revision."""
     target = parse_delete(id, revision)

@@ -4,8 +4,10 @@ real Celery workers started as subprocesses."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,13 +115,16 @@ def run_python(
     return result
 
 
-def worker_connections(engine: sa.Engine, database_url: str) -> list[Any]:
-    """(application_name, state) of every worker connection to the test database."""
+def worker_connections(
+    engine: sa.Engine, database_url: str, columns: str = "application_name, state"
+) -> list[Any]:
+    """`columns` of pg_stat_activity (application_name and state by default) for every worker
+    connection to the test database."""
     with engine.connect() as connection:
         return list(
             connection.execute(
                 sa.text(
-                    "SELECT application_name, state FROM pg_stat_activity WHERE datname = :db "
+                    f"SELECT {columns} FROM pg_stat_activity WHERE datname = :db "
                     "AND application_name LIKE 'writing-sessions:%'"
                 ),
                 {"db": make_url(database_url).database},
@@ -305,6 +310,19 @@ def start_worker(
     yield start
     for worker in workers:
         worker.stop()
+
+
+def inspect(env: dict[str, str], worker: WorkerProcess, verb: str) -> Any:
+    """`celery inspect <verb>` of one worker: its reply."""
+    node = worker.node.replace("%h", socket.gethostname())
+    shown = subprocess.run(
+        [CELERY, "-A", "worker", "inspect", verb, "-d", node, "-j"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.loads(shown.stdout)[node]
 
 
 def send_save(producer: Celery, payload: Any) -> Any:

@@ -139,7 +139,7 @@ def test_replay_re_enqueues_and_a_second_failure_is_a_new_letter_not_a_loop(
     assert both[1].replayed_at is None
     assert both[1].payload == first.payload
     assert again.returncode == 1
-    assert f"not found or already replayed: {first.id}" in again.stderr
+    assert f"not found, already replayed or malformed (nothing to send): {first.id}" in again.stderr
 
 
 def test_dead_letters_list_filters_by_task_and_shows_the_error(

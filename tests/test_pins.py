@@ -1,8 +1,9 @@
 """The Celery and kombu internals this project overrides are still the ones it was written for.
 
 worker/broker.py, worker/consumer.py and worker/results.py subclass kombu and Celery classes and
-replace some of their methods; worker/grouping.py is a task Strategy that does what Celery's
-default one does, and builds and settles Celery's Requests itself. pyproject.toml pins the
+replace some of their methods; worker/celery_ext/group_commit.py is a task Strategy that does
+what Celery's default one does, builds and settles Celery's Requests itself, and subclasses
+Request to settle hard time limits. pyproject.toml pins the
 versions they were written for; when the pins move, these tests say which overridden method
 changed, so that its override is read again against the new code before anything ships.
 """
@@ -65,6 +66,55 @@ OVERRIDDEN = [
         "(task, app, consumer, info, error, task_reserved, to_system_tz, bytes, proto1_to_proto2)",
         "7d90575ada5eb1dc",
     ),
+    ("celery.worker.request:Request.on_timeout", "(self, soft, timeout)", "3d26ce896008646d"),
+    (
+        "celery.worker.request:Request.on_failure",
+        "(self, exc_info, send_failed_event=True, return_ok=False)",
+        "21736ec661cd60d7",
+    ),
+    # Not overridden, but the group's error callback calls it for a terminated member, and the
+    # group is re-sent on what it does (announce revoked, then kill the child).
+    ("celery.worker.request:Request.terminate", "(self, pool, signal=None)", "5ee69325b498e311"),
+    (
+        "celery.worker.consumer.consumer:Consumer.on_unknown_message",
+        "(self, body, message)",
+        "213bd3ee55cb5ca6",
+    ),
+    (
+        "celery.worker.consumer.consumer:Consumer.on_unknown_task",
+        "(self, body, message, exc)",
+        "35e6cbe564947a25",
+    ),
+    (
+        "celery.worker.consumer.consumer:Consumer.on_invalid_task",
+        "(self, body, message, exc)",
+        "9893e7a4eee33a33",
+    ),
+    (
+        "celery.worker.consumer.consumer:Consumer.on_decode_error",
+        "(self, message, exc)",
+        "e3538c586a7ffa75",
+    ),
+    # Not overridden: it decides which exceptions of a Strategy reach the handlers above
+    # (InvalidTaskError, ContentDisallowed, DecodeError); any other stops the worker.
+    (
+        "celery.worker.consumer.consumer:Consumer.create_task_handler",
+        "(self, promise)",
+        "292c5a681f10ade7",
+    ),
+    # Not overridden: how the solo and threads pools run a job (an exception escapes them).
+    (
+        "celery.concurrency.base:apply_target",
+        "(target, args, kwargs, callback, accept_callback, pid, getpid, propagate, monotonic, _)",
+        "587f70580295464c",
+    ),
+    # Task.retry(throw=False) publishes a group member's retry, as the per-task path's does.
+    (
+        "celery.app.task:Task.retry",
+        "(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None, "
+        "max_retries=None, **options)",
+        "82cd910b59663a00",
+    ),
     (
         "celery.worker.request:create_request_cls",
         "(base, task, pool, hostname, eventer, ref, revoked_tasks, task_ready, trace, app)",
@@ -104,6 +154,15 @@ USED = [
     ("celery.worker.request:Request.acknowledge", "(self)"),
     ("celery.worker.request:Request.send_event", "(self, type, **fields)"),
     ("celery.worker.request:Request.revoked", "(self)"),
+    ("celery.worker.request:Request._payload", None),
+    ("celery.worker.request:Request._already_revoked", None),
+    ("celery.worker.request:Request._already_cancelled", None),
+    ("celery.worker.request:Request.request_dict", None),
+    ("celery.app.task:Context", "(*args, **kwargs)"),
+    ("celery.app.task:Task.pop_request", "(self)"),
+    ("billiard.exceptions:Terminated", None),
+    ("billiard.exceptions:TimeLimitExceeded", None),
+    ("billiard.exceptions:WorkerLostError", None),
     (
         "celery.worker.state:task_ready",
         "(request, successful, remove_request, "
@@ -120,9 +179,11 @@ USED = [
 ]
 
 
-def signature_of(obj: object, expected: str) -> str:
+def signature_of(obj: object, expected: str | None) -> str | None:
     """The signature as written in the tables: in full, or by parameter names only where the
-    defaults are objects (whose repr holds an address)."""
+    defaults are objects (whose repr holds an address); None for an attribute (it exists)."""
+    if expected is None:
+        return None
     signature = inspect.signature(obj)  # type: ignore[arg-type]
     if "=" in expected or "*" in expected:
         return str(signature)

@@ -30,6 +30,15 @@ def valid(**fields):
         (valid(topic="   \u3000 "), "topic: must not be empty or only whitespace"),
         (valid(topic="t" * 201), "topic: must be at most 200 characters, got 201"),
         (valid(topic="a\x00b"), "topic: contains a NUL character (U+0000)"),
+        ({**valid(), "na\x00me": 1}, "na\\u0000me: is not a known field"),
+        (
+            valid(started_at="0001-01-01T00:30:00+01:00"),
+            "started_at: is out of range once converted to UTC",
+        ),
+        (
+            valid(ended_at="9999-12-31T23:30:00-01:00"),
+            "ended_at: is out of range once converted to UTC",
+        ),
         (
             valid(content="x" * 1_000_001),
             "content: must be at most 1000000 characters, got 1000001",

@@ -73,15 +73,32 @@ def stored(db: Session, id: uuid.UUID) -> WritingSession:
     return row
 
 
-def test_the_highest_revision_of_an_id_wins_and_the_others_end_as_after_it(db):
+def test_the_rows_of_an_id_in_a_group_end_as_they_would_one_message_after_another(db):
     id = uuid.uuid4()
 
     results = store.write_group(
         db, [save(id, 1), save(id, 3, "three"), save(id, 3), save(id, 2)], NOW
     )
 
-    assert outcomes(results) == [("stale", 3), ("created", 3), ("duplicate", 3), ("stale", 3)]
+    assert outcomes(results) == [("created", 1), ("updated", 3), ("duplicate", 3), ("stale", 3)]
     assert stored(db, id).topic == "three"
+
+
+def test_a_row_without_started_at_takes_the_one_its_predecessor_in_the_group_stored(db):
+    id = uuid.uuid4()
+
+    store.write_group(
+        db,
+        [
+            save(id, 1, started_at="2024-06-01T00:00:00Z"),
+            save(id, 2, "later", ended_at="2024-09-01T00:00:00Z"),
+        ],
+        NOW,
+    )
+
+    row = stored(db, id)
+    assert (row.topic, row.revision) == ("later", 2)
+    assert as_utc(row.started_at) == datetime(2024, 6, 1, tzinfo=UTC)
 
 
 def test_a_delete_that_wins_in_a_group_leaves_a_tombstone(db):
@@ -90,7 +107,7 @@ def test_a_delete_that_wins_in_a_group_leaves_a_tombstone(db):
 
     results = store.write_group(db, [save(id, 2), delete(id, 4), save(id, 3)], NOW)
 
-    assert outcomes(results) == [("stale", 4), ("deleted", 4), ("stale", 4)]
+    assert outcomes(results) == [("updated", 2), ("deleted", 4), ("stale", 4)]
     row = stored(db, id)
     assert (row.topic, row.content, row.deleted_at is not None) == (None, "", True)
 
@@ -143,3 +160,22 @@ def test_save_many_counts_each_decision_and_names_each_refused_item(db):
     assert batch.counts == {"created": 2, "updated": 0, "duplicate": 1, "stale": 1}
     assert [index for index, _ in batch.refused] == [4]
     assert batch.refused[0][1].startswith("ended_at: must not be before started_at")
+
+
+def test_an_update_without_started_at_is_checked_against_the_stored_started_at(db):
+    id = uuid.uuid4()
+    store.save(db, save(id, 1, started_at="2024-06-01T00:00:00Z"), NOW)
+
+    outcome = store.save(db, save(id, 2, ended_at="2024-09-01T00:00:00Z"), NOW)
+
+    assert (outcome.outcome, outcome.revision) == ("updated", 2)
+    assert as_utc(stored(db, id).ended_at) == datetime(2024, 9, 1, tzinfo=UTC)
+
+
+def test_a_duplicate_without_started_at_is_not_refused_for_an_ended_at_it_never_writes(db):
+    id = uuid.uuid4()
+    store.delete(db, id, 0, NOW)  # a tombstone: started_at is the time of the delete
+
+    outcome = store.save(db, save(id, 0, ended_at="2024-01-01T00:00:00Z"), NOW)
+
+    assert (outcome.outcome, outcome.revision) == ("duplicate", 0)

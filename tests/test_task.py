@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy import exc as sa_exc
 
 from tests.conftest import ROOT, run_python, service_env
@@ -37,6 +38,9 @@ def dbapi_error(cls: type[sa_exc.DBAPIError], pgcode: str) -> sa_exc.DBAPIError:
         (dbapi_error(sa_exc.DBAPIError, "40001"), True),  # serialization failure
         (dbapi_error(sa_exc.DBAPIError, "40P01"), True),  # deadlock
         (dbapi_error(sa_exc.DBAPIError, "53300"), True),  # too many connections
+        (dbapi_error(sa_exc.InternalError, "25006"), True),  # read-only: a failover under way
+        (TimeLimitExceeded(3), True),  # a group or a task killed at its hard time limit
+        (SoftTimeLimitExceeded(), True),
         (dbapi_error(sa_exc.DBAPIError, "08006"), True),  # any connection exception
         (sa_exc.TimeoutError("QueuePool limit"), True),  # the pool had no connection
         (TransientError("database away"), True),

@@ -39,6 +39,8 @@ recovers a dead consumer's messages by heartbeat.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import logging
@@ -134,15 +136,65 @@ return 1
 """
 
 
-def _envelope(raw: bytes) -> Any:
+#: The content type of an envelope kombu could not read, delivered as a message of its own.
+UNREADABLE = "application/x-unreadable-envelope"
+
+
+def _envelope(raw: bytes, tag: str, queue: str) -> Any:
     """A message's envelope (properties, headers, the encoded body) as kombu would read it.
 
     Without kombu's object hook, which turns {"__type__": ...} markers back into datetimes and
     the like: Celery writes none into an envelope (the body, where arguments are, is decoded
     later by Celery with the hook), and the hook is a Python call for every object of every
     message, in the main process that every message goes through.
+
+    What kombu cannot make a Message of (not JSON, no properties, headers that are not a
+    mapping, a body that is not base64 as it says) would raise inside kombu, and the stock
+    transport would lose it or stop the worker. It becomes an envelope with the raw bytes as
+    its body and content type UNREADABLE instead: Celery's consumer cannot decode it and hands
+    it to its decode-error handler (worker/consumer.py keeps it as a malformed message).
     """
-    return json.loads(raw)
+    try:
+        payload = json.loads(raw)
+        problem = _unreadable_because(payload)
+    except ValueError as exc:
+        payload, problem = None, f"not JSON ({exc})"
+    if problem is None:
+        payload["properties"]["delivery_tag"] = tag
+        return payload
+    data = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "surrogateescape")
+    return {
+        "body": base64.b64encode(data).decode("ascii"),
+        "content-type": UNREADABLE,
+        "content-encoding": "binary",
+        "headers": {"x-unreadable-envelope": f"the message is not a kombu envelope: {problem}"},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": tag,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+        },
+    }
+
+
+def _unreadable_because(payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return f"a JSON {type(payload).__name__}, not an object"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "no properties object"
+    if not isinstance(properties.get("delivery_info", {}), dict | None):
+        return "properties.delivery_info is not an object"
+    if not isinstance(payload.get("headers"), dict | None):
+        return "headers is not an object"
+    body = payload.get("body")
+    if not isinstance(body, str | None):
+        return "body is not a string"
+    if body and properties.get("body_encoding") == "base64":
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body is not base64, as properties.body_encoding says"
+    return None
 
 
 class QoS(kombu_redis.QoS):
@@ -335,12 +387,7 @@ class Channel(kombu_redis.Channel):
             self._sizes[tag] = len(raw)
             self._held_bytes += len(raw)
         for index, (tag, queue, raw) in enumerate(taken):
-            try:
-                payload = _envelope(raw)
-                payload["properties"]["delivery_tag"] = tag
-            except (ValueError, TypeError, KeyError):
-                self._drop(tag, raw)
-                continue
+            payload = _envelope(raw, tag, queue)
             self._sources[tag] = queue
             self._queue_cycle.rotate(queue)
             try:
@@ -354,7 +401,9 @@ class Channel(kombu_redis.Channel):
                 for rest_tag, rest_queue, rest_raw in taken[index + 1 :]:
                     self._recorded.pop(rest_tag, None)
                     self._sources[rest_tag] = rest_queue
-                    self.settle_later(rest_tag, _envelope(rest_raw), leftmost=False)
+                    self.settle_later(
+                        rest_tag, _envelope(rest_raw, rest_tag, rest_queue), leftmost=False
+                    )
                 raise
 
     def _drop(self, tag: str, raw: Any) -> None:
@@ -398,9 +447,7 @@ class Channel(kombu_redis.Channel):
         self._recorded[tag] = self._sources[tag] = queue
         self._sizes[tag] = len(reply[1])
         self._held_bytes += len(reply[1])
-        payload = _envelope(reply[1])
-        payload["properties"]["delivery_tag"] = tag
-        return payload
+        return _envelope(reply[1], tag, queue)
 
     # -- settling ---------------------------------------------------------------------------
 

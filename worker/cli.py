@@ -253,8 +253,9 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
         click.echo(f"replayed {letter_id} as task {task_id}")
     skipped = set(letter_ids) - {letter_id for letter_id, _ in replayed}
     if skipped:
+        listed = ", ".join(map(str, sorted(skipped)))
         raise click.ClickException(
-            f"not found or already replayed: {', '.join(map(str, sorted(skipped)))}"
+            f"not found, already replayed or malformed (nothing to send): {listed}"
         )
     click.echo(f"{len(replayed)} replayed")
 

@@ -1,4 +1,5 @@
-"""How pooled connections behave: PostgreSQL's are pinged after idling, SQLite's write in turn.
+"""How pooled connections behave: PostgreSQL's are pinged after idling and end with their
+client, SQLite's write in turn.
 
 Listeners that worker/db.py's `make_engine` attaches to the engines it creates.
 """
@@ -39,6 +40,29 @@ def ping_when_idle(engine: Engine) -> None:
         except engine.dialect.loaded_dbapi.Error as exc:
             # The pool discards this connection and checks out a fresh one.
             raise sa_exc.DisconnectionError("connection lost while idle in the pool") from exc
+
+
+# PostgreSQL checks this often whether the client of a running statement is still there.
+CLIENT_CHECK_MILLISECONDS = 1000
+
+
+def end_with_the_client(engine: Engine) -> None:
+    """Make the server end a connection's statement once its client process is gone.
+
+    A pool child killed at its hard time limit while a statement waits for a row lock leaves
+    its server process waiting, and holding the locks of every row its transaction wrote, until
+    the lock it waits for is released: the next attempts of those rows would wait behind it.
+    PostgreSQL 14 and later can notice the closed socket during the wait and roll back.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _check_client(dbapi_connection: Any, _record: Any) -> None:
+        if getattr(dbapi_connection, "server_version", 0) < 140000:
+            return
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET client_connection_check_interval = {CLIENT_CHECK_MILLISECONDS}")
+        cursor.close()
+        dbapi_connection.commit()
 
 
 def make_sqlite_directory(url: str) -> None:

@@ -16,22 +16,35 @@ written to a child's pipe runs all the same: forgotten, its result is never read
 waits 30 s for that before it exits) and its messages, a whole group, are never acknowledged
 and run again as `duplicate`. `on_close` keeps those jobs, so the pool's join reads their results.
 
+A message that cannot be turned into a task request (an unknown format or task name, an invalid
+task, a body that cannot be decoded) is, with the `malformed_message_handler` setting, described
+and handed to that handler in a pool child, then acknowledged (worker/celery_ext/malformed.py)
+instead of being dropped with an error line.
+
 Selected by `worker_consumer` in celeryconfig.py.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.common import ignore_errors
+
+from worker.celery_ext import malformed
+
+logger = logging.getLogger(__name__)
 
 EVENT_FLUSH_SECONDS = 0.05
 EVENT_BUFFER_LIMIT = 1000
 
 
 class Consumer(CeleryConsumer):
-    """The worker consumer with task events published at most every EVENT_FLUSH_SECONDS."""
+    """The worker consumer with task events published at most every EVENT_FLUSH_SECONDS, and
+    malformed messages kept by the `malformed_message_handler` instead of dropped."""
 
     _event_flush_at = 0.0
 
@@ -47,6 +60,68 @@ class Consumer(CeleryConsumer):
             return
         self._event_flush_at = now + EVENT_FLUSH_SECONDS
         self.hub.call_later(EVENT_FLUSH_SECONDS, self._flush_events_promise)
+
+    # -- malformed messages -----------------------------------------------------------------
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        if not self._keep_malformed(message, "not a task message: no task name in it"):
+            super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
+        if not self._keep_malformed(message, f"no task named {name!r} is registered"):
+            super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        if not self._keep_malformed(message, f"invalid task message: {exc}"):
+            super().on_invalid_task(body, message, exc)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        # worker/broker.py delivers what is not even an envelope with this header, saying why.
+        error = headers.get("x-unreadable-envelope") or f"cannot decode the message: {exc}"
+        if not self._keep_malformed(message, error):
+            super().on_decode_error(message, exc)
+
+    def _keep_malformed(self, message: Any, error: str) -> bool:
+        """Hand a malformed message to the configured handler in a pool child; False if none is
+        configured (Celery's own handling then) or it is not a task queue's message."""
+        handler = self.app.conf.get("malformed_message_handler")
+        exchange = (getattr(message, "delivery_info", None) or {}).get("exchange") or ""
+        if not handler or self.pool is None or exchange.endswith(".pidbox"):
+            return False
+        record = malformed.describe(message, error)
+        logger.error(
+            "malformed message (task id %s): %s; kept by %s", record.task_id, error, handler
+        )
+
+        def kept(ok: Any) -> None:
+            if ok is not True:
+                requeue_later(ok if isinstance(ok, ExceptionInfo) else None)
+                return
+            message.ack_log_error(logger, self.connection_errors)
+            if record.task_id and self.event_dispatcher and self.event_dispatcher.enabled:
+                self.event_dispatcher.send(
+                    "task-failed", uuid=record.task_id, exception=error, traceback=""
+                )
+
+        def requeue_later(_: Any = None) -> None:
+            self.timer.call_after(
+                malformed.RETRY_SECONDS,
+                lambda: message.reject_log_error(logger, self.connection_errors, requeue=True),
+            )
+
+        try:
+            self.pool.apply_async(
+                malformed.run_handler,
+                args=(handler, record),
+                callback=kept,
+                error_callback=requeue_later,
+            )
+        except Exception:
+            logger.exception("could not hand malformed message %s to the pool", record.task_id)
+            requeue_later()
+        return True
 
     def on_close(self) -> None:
         cache = getattr(getattr(self.pool, "_pool", None), "_cache", None)  # prefork only

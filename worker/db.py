@@ -95,6 +95,7 @@ def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
         **options,
     )
     connections.ping_when_idle(engine)
+    connections.end_with_the_client(engine)
     return engine
 
 

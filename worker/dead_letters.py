@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select, update
 
+from worker import store
+from worker.celery_ext.malformed import MalformedMessage
 from worker.db import task_db
 from worker.models import DeadLetter
 from worker.times import utcnow
+
+logger = logging.getLogger(__name__)
+
+
+def keep_malformed(record: MalformedMessage) -> None:
+    """The `malformed_message_handler`: a message that is not a task request becomes a dead
+    letter holding everything received of it (replay cannot send it: it names no arguments)."""
+    with task_db() as db:
+        letter = store.add_dead_letter(
+            db,
+            task_name=record.task_name,
+            task_id=record.task_id,
+            payload={"malformed": record.as_dict()},
+            error_type="MalformedMessageError",
+            error=record.error,
+            attempts=1,
+        )
+    logger.warning("dead letter %s for malformed message %s", letter.id, record.task_id)
 
 
 def find(
@@ -47,7 +68,8 @@ def replay(letter_ids: Sequence[int] | None) -> list[tuple[int, str]]:
     `None` replays every letter not yet replayed. The message is sent before the letter is
     marked (and outside any transaction), so a crash in between can only replay it twice, which
     idempotent writes make harmless. A replay that fails again is a new dead letter: nothing
-    loops. Returns (letter id, new task id) pairs.
+    loops. A malformed message's letter has no arguments to send and is left as it is.
+    Returns (letter id, new task id) pairs.
     """
     from worker.app import app
 
@@ -59,6 +81,8 @@ def replay(letter_ids: Sequence[int] | None) -> list[tuple[int, str]]:
     replayed = []
     for letter_id, task_name, payload in letters:
         message = json.loads(payload)
+        if "args" not in message:
+            continue  # a malformed message: nothing that could be sent again
         result = app.send_task(task_name, args=message["args"], kwargs=message["kwargs"])
         with task_db() as db:
             db.execute(

@@ -1,7 +1,7 @@
 """Celery's Redis result backend, storing a result in one round trip instead of two.
 
-It also stores the results of a whole group of messages (worker/grouping.py) in one pipelined
-round trip: `store_results`.
+It also stores the results of a whole group of messages (worker/celery_ext/group_commit.py) in
+one pipelined round trip: `store_results`.
 
 Celery's key-value backends read the stored result before writing a new one, so that a
 redelivered task cannot overwrite a SUCCESS (celery/backends/base.py, `_store_result`): a GET,

@@ -35,6 +35,12 @@ MAX_BATCH = 1000
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def storable_text(text: str) -> str:
+    """`text` with what PostgreSQL cannot store (NUL, lone surrogates) written as \\uXXXX, for
+    error messages and names that quote what a producer sent."""
+    return _UNSTORABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
 def _storable(value: str) -> str:
     found = _UNSTORABLE.search(value)
     if found:
@@ -72,7 +78,16 @@ def _not_blank(value: str) -> str:
 
 
 StorableStr = Annotated[StrictStr, AfterValidator(_storable)]
-Timestamp = Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(as_utc)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return as_utc(value)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(_in_utc)]
 Revision = Annotated[StrictInt, Field(ge=0, le=MAX_REVISION)]
 
 
@@ -123,7 +138,7 @@ def describe(error: ValidationError, prefix: str = "") -> str:
     """One line naming each failing field and what is wrong with it (never its value)."""
     parts = []
     for item in error.errors(include_url=False, include_input=False):
-        field = ".".join(str(p) for p in item["loc"])
+        field = storable_text(".".join(str(p) for p in item["loc"]))
         message = item["msg"]
         if item["type"] == "missing":
             message = "is required"

@@ -31,6 +31,7 @@ class Settings:
     retry_backoff_max: int
     task_time_limit: int
     log_format: str
+    group_commit: bool = True
 
     @property
     def embedded(self) -> bool:
@@ -61,9 +62,11 @@ def _integer(environ: Mapping[str, str], name: str, default: int, minimum: int) 
     return value
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
+def _flag(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if not raw:
+        return default
+    if raw in ("0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
@@ -110,6 +113,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         retry_backoff_max=_integer(environ, "WRITING_SESSIONS_RETRY_BACKOFF_MAX", 120, minimum=1),
         task_time_limit=_integer(environ, "WRITING_SESSIONS_TASK_TIME_LIMIT", 300, minimum=1),
         log_format=log_format,
+        group_commit=_flag(environ, "WRITING_SESSIONS_GROUP_COMMIT", default=True),
     )
 
 

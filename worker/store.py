@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from worker.errors import InvalidPayloadError
 from worker.models import DeadLetter
-from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn
+from worker.schemas import MAX_CONTENT_LENGTH, MAX_REVISION, WritingSessionIn, storable_text
 from worker.times import utcnow
 from worker.upsert import Row, Tombstone, stored_revisions, upsert_for
 
@@ -93,39 +94,46 @@ def save_many(
 def write_group(
     db: Session, rows: Sequence[Row], now: datetime | None = None
 ) -> list[Outcome | InvalidPayloadError]:
-    """Write the rows of many save and delete messages at once; one result per row, in order.
+    """Write the rows of many save and delete messages at once, each ending as it would have
+    one message after another, in the order given; one result per row, in order.
 
-    The highest revision of an id wins (the first of equal ones). Every other row of that id
-    ends as it would after the winner, one by one: `duplicate` when its revision equals the
-    one stored then, `stale` when lower. A row the database refuses (its CHECK constraints)
-    gets an InvalidPayloadError naming the field, and the next-best row of its id is tried in
-    its place.
+    The rows of an id are taken in rounds: each round writes, for every id still pending, its
+    next row that is newer than the last one written or found stored (one upsert for all the
+    ids, in id order); the rows before that are `duplicate` or `stale` against that one. A
+    group that holds each id once, as most do, is one round. Writing each newer row in its turn
+    (rather than only the newest) keeps what one-by-one writes would: a row without started_at
+    takes the one its predecessor stored. A row the database refuses (its CHECK constraints)
+    gets an InvalidPayloadError naming the field and changes nothing, as alone.
     """
     now = now or utcnow()
     results: list[Outcome | InvalidPayloadError | None] = [None] * len(rows)
-    pending = list(range(len(rows)))
+    pending: dict[int, deque[int]] = {}
+    for index, row in enumerate(rows):
+        pending.setdefault(row.id.int, deque()).append(index)
+    # The revision stored for an id as far as this group knows (after its last write or find).
+    known: dict[int, int] = {}
     while pending:
-        winners = _winners(rows, pending)
+        batch: list[int] = []
+        for key in sorted(pending):  # the integer order is PostgreSQL's uuid order
+            waiting = pending[key]
+            while waiting and key in known and rows[waiting[0]].revision <= known[key]:
+                index = waiting.popleft()
+                decision = DUPLICATE if rows[index].revision == known[key] else STALE
+                results[index] = Outcome(rows[index].id, decision, known[key])
+            if waiting:
+                batch.append(waiting.popleft())
+            else:
+                del pending[key]
+        if not batch:
+            break
         refused: list[tuple[int, str]] = []
-        ordered = [winners[key] for key in sorted(winners)]
-        written = _upsert_in_id_order(db, rows, ordered, now, refused)
+        written = _upsert_in_id_order(db, rows, batch, now, refused)
         for index, error in refused:
             results[index] = InvalidPayloadError(error)
         for index, outcome in written.items():
+            known[rows[index].id.int] = outcome.revision
             deleted = isinstance(rows[index], Tombstone) and outcome.outcome in (CREATED, UPDATED)
             results[index] = Outcome(outcome.id, DELETED, outcome.revision) if deleted else outcome
-        next_pending = []
-        for index in pending:
-            winner = winners[rows[index].id.int]
-            if index == winner:
-                continue
-            if winner not in written:
-                next_pending.append(index)  # its winner was refused: the next best goes on
-                continue
-            stored = written[winner].revision
-            decision = DUPLICATE if rows[index].revision == stored else STALE
-            results[index] = Outcome(rows[index].id, decision, stored)
-        pending = next_pending
     return [result for result in results if result is not None]
 
 
@@ -231,23 +239,23 @@ def _invalid_payload(exc: IntegrityError) -> InvalidPayloadError:
 def add_dead_letter(
     db: Session,
     *,
-    task_name: str,
+    task_name: str | None,
     task_id: str | None,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
+    payload: dict[str, Any],
     error_type: str,
     error: str,
     attempts: int,
     now: datetime | None = None,
 ) -> DeadLetter:
-    """Record a message that could not be persisted, with its arguments exactly as received."""
+    """Record a message that could not be persisted, exactly as received (`payload`: its
+    arguments as {"args", "kwargs"}, or what was received of a malformed message)."""
     letter = DeadLetter(
-        task_name=task_name,
-        task_id=task_id,
+        task_name=storable_text(task_name or "")[:200],
+        task_id=storable_text(task_id)[:200] if task_id is not None else None,
         # ensure_ascii keeps NUL characters and lone surrogates as escapes, byte for byte.
-        payload=json.dumps({"args": list(args), "kwargs": kwargs}, ensure_ascii=True),
-        error_type=error_type,
-        error=error,
+        payload=json.dumps(payload, ensure_ascii=True),
+        error_type=storable_text(error_type)[:200],
+        error=storable_text(error),
         attempts=attempts,
         failed_at=now or utcnow(),
     )

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cache
+from types import SimpleNamespace
 from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -24,7 +25,9 @@ from sqlalchemy import (
     Integer,
     Table,
     Text,
+    and_,
     bindparam,
+    case,
     column,
     func,
     literal_column,
@@ -90,6 +93,25 @@ def _upsert(dialect: str) -> Upsert:
     return PostgresqlUpsert() if dialect == "postgresql" else SqliteUpsert()
 
 
+def _started_at(incoming: Any, now: Any) -> Any:
+    """started_at of a row as it is proposed: the producer's, else the stored one, else now.
+
+    PostgreSQL and SQLite check CHECK constraints on the proposed row before they find the
+    conflict that makes it an update (or, by the revision, no write at all). With `now` there,
+    an update without started_at whose ended_at lies in the past would be refused, although the
+    started_at it keeps is earlier; and a duplicate or stale row, which writes nothing, must not
+    be refused for its ended_at either: for those the proposal is ended_at itself.
+    """
+    no_write = and_(_c.revision >= incoming.revision, incoming.ended_at < _c.started_at)
+    stored = (
+        select(case((no_write, incoming.ended_at), else_=_c.started_at))
+        .where(_c.id == incoming.id)
+        .scalar_subquery()
+        .correlate_except(_table)
+    )
+    return func.coalesce(incoming.started_at, stored, now)
+
+
 def _on_conflict(
     stmt: postgresql.Insert | sqlite.Insert, keep_started_at: bool
 ) -> postgresql.Insert | sqlite.Insert:
@@ -130,7 +152,7 @@ class PostgresqlUpsert:
             elif name in _COUNTS:
                 values[name] = incoming.c.counts[_COUNTS.index(name)].astext.cast(Integer)
             elif name == "started_at":
-                values[name] = func.coalesce(incoming.c.started_at, now)
+                values[name] = _started_at(incoming.c, now)
             else:
                 values[name] = incoming.c[name]
         stmt = postgresql.insert(_table).from_select(list(values), select(*values.values()))
@@ -154,8 +176,14 @@ class SqliteUpsert:
     """
 
     def __init__(self) -> None:
+        values: dict[str, Any] = {name: bindparam(name, type_=_c[name].type) for name in COLUMNS}
+        values["started_at"] = _started_at(
+            SimpleNamespace(**values), bindparam("now", type_=_c.created_at.type)
+        )
         self._statements = {
-            keep: _on_conflict(sqlite.insert(_table), keep).returning(_c.id, _c.revision)
+            keep: _on_conflict(sqlite.insert(_table).values(values), keep).returning(
+                _c.id, _c.revision
+            )
             for keep in (False, True)
         }
 
@@ -172,7 +200,7 @@ class SqliteUpsert:
         values: dict[str, Any] = {name: getattr(row, name, None) for name in ROW_FIELDS}
         values.update(zip(_COUNTS, row.counts, strict=True))
         values.update(dict.fromkeys(_STAMPED, now))
-        values["started_at"] = row.started_at or now
+        values["now"] = now
         return values
 
 
