@@ -112,9 +112,11 @@ def write_group(
         pending.setdefault(row.id.int, deque()).append(index)
     # The revision stored for an id as far as this group knows (after its last write or find).
     known: dict[int, int] = {}
-    while pending:
+    keys = sorted(pending)  # the integer order is PostgreSQL's uuid order
+    while keys:
         batch: list[int] = []
-        for key in sorted(pending):  # the integer order is PostgreSQL's uuid order
+        more: list[int] = []  # the ids with rows left after this round, still in order
+        for key in keys:
             waiting = pending[key]
             while waiting and key in known and rows[waiting[0]].revision <= known[key]:
                 index = waiting.popleft()
@@ -122,8 +124,9 @@ def write_group(
                 results[index] = Outcome(rows[index].id, decision, known[key])
             if waiting:
                 batch.append(waiting.popleft())
-            else:
-                del pending[key]
+            if waiting:
+                more.append(key)
+        keys = more
         if not batch:
             break
         refused: list[tuple[int, str]] = []

@@ -151,7 +151,7 @@ class PostgresqlUpsert:
                 values[name] = now
             elif name in _COUNTS:
                 values[name] = incoming.c.counts[_COUNTS.index(name)].astext.cast(Integer)
-            elif name == "started_at":
+            elif name == "started_at" and keep_started_at:
                 values[name] = _started_at(incoming.c, now)
             else:
                 values[name] = incoming.c[name]
