@@ -165,6 +165,29 @@ def test_a_group_past_its_hard_time_limit_counts_an_attempt_and_only_the_stuck_o
     assert count_rows(db) == 9
 
 
+def test_a_save_many_past_its_hard_time_limit_is_retried_then_dead_lettered_not_dropped(
+    db, producer, start_worker
+):
+    locked = str(uuid.uuid4())
+    one_retry = {
+        "WRITING_SESSIONS_TASK_TIME_LIMIT": "3",
+        "WRITING_SESSIONS_MAX_RETRIES": "1",
+        "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
+    }
+    with row_locked(db, locked):
+        batch = producer.send_task(
+            "writing_sessions.save_many", args=[[new_session(), new_session(id=locked)]]
+        )
+        start_worker(concurrency=1, extra_env=one_retry)
+        wait_for(lambda: count_rows(db, "dead_letter") == 1, 60, "the batch's dead letter")
+    (letter,) = letters(db)
+
+    assert batch.get(timeout=30, propagate=False) is not None and batch.state == "FAILURE"
+    assert letter.task_id == batch.id and letter.attempts == 2
+    assert "TimeLimitExceeded" in letter.error
+    assert count_rows(db) == 0
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_a_runner_that_raises_for_its_group_fails_only_the_message_that_causes_it(
     pool, db, env, producer, start_worker

@@ -32,7 +32,8 @@ def run_group(messages: list[Message], failed: BaseException | None = None) -> l
     """Write a group of save and delete messages in one transaction; a decision per message.
 
     `failed`: the pool lost the group's job (its hard time limit): each message counts the
-    attempt, as after a transient fault.
+    attempt, as after a transient fault. Only this mode serves save_many, whose messages run
+    alone (its hard time limits).
     """
     if failed is not None:
         return [_settle_failure(message, failed) for message in messages]

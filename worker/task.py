@@ -154,11 +154,14 @@ class WritingSessionsTask(Task):
     # __call__ checks the shape itself and names the argument instead.
     typing = False
     # Celery's Strategy, but a message that cannot be a task request (a body that is not
-    # [args, kwargs, embed], say) is a dead letter instead of the worker's end; with a
-    # group_runner, waiting messages run together (worker/celery_ext/group_commit.py).
+    # [args, kwargs, embed], say) is a dead letter instead of the worker's end; with
+    # group_messages, waiting messages run together (worker/celery_ext/group_commit.py).
     Strategy = "worker.celery_ext.group_commit:strategy"
-    # A hard time limit is a failed attempt (retry, then dead letter), not FAILURE and ack.
+    # A hard time limit is a failed attempt (retry, then dead letter) settled by the
+    # group_runner in its `failed` mode, not FAILURE and an acknowledgement.
     Request = "worker.celery_ext.group_commit:Request"
+    group_runner = "worker.group_runner:run_group"
+    group_messages = False
     # Bad input is an expected failure: logged as one line, without a traceback.
     throws = (PermanentError,)
     max_retries = settings.max_retries
@@ -195,5 +198,4 @@ class GroupCommitTask(WritingSessionsTask):
     group commit is switched off (WRITING_SESSIONS_GROUP_COMMIT=0): then each message runs
     alone through this class's __call__, with a Session of its own."""
 
-    group_runner = "worker.group_runner:run_group"
     group_messages = settings.group_commit
