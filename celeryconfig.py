@@ -97,11 +97,6 @@ task_send_sent_event = True
 # publish per event (worker/consumer.py).
 worker_consumer = "worker.consumer:Consumer"
 
-# A message that cannot be turned into a task request (a body that is not [args, kwargs,
-# embed], an unknown task name, undecodable content) is kept as a dead letter and acknowledged,
-# instead of being dropped or stopping the worker (worker/celery_ext/malformed.py).
-malformed_message_handler = "worker.dead_letters:keep_malformed"
-
 # Results are for producers that wait on them; keep them a day, not forever.
 result_expires = 24 * 3600
 # Consumed from Celery's default queue (docs/contract.md); producers need no routing.

@@ -4,12 +4,14 @@ real Celery workers started as subprocesses."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -130,6 +132,24 @@ def worker_connections(
                 {"db": make_url(database_url).database},
             )
         )
+
+
+# Test processes run side by side (scripts/test runs two): a test that restarts a shared server
+# (marked `exclusive`) must run while no other test does. Every other test holds the shared lock;
+# the gate, taken before it, lets a waiting exclusive test in before the next shared holder.
+_LOCKS = Path(tempfile.gettempdir()) / "writing-sessions-tests"
+
+
+@pytest.fixture(autouse=True)
+def _one_test_at_a_time_around_a_server_restart(request: pytest.FixtureRequest) -> Iterator[None]:
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    _LOCKS.mkdir(exist_ok=True)
+    with (_LOCKS / "gate").open("a") as gate, (_LOCKS / "services").open("a") as services:
+        fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(services, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -332,6 +332,7 @@ def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, s
     )
 
 
+@pytest.mark.exclusive  # restarts the machine's PostgreSQL, which every test process uses
 def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
     worker = start_worker(concurrency=2, extra_env=FAST_RETRIES)
     payloads = [new_session() for _ in range(1000)]
