@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import uuid
 
 import sqlalchemy as sa
@@ -83,11 +86,33 @@ def test_health_passes_with_a_worker_and_fails_without(env, start_worker, tmp_pa
     with_worker = run_cli("health", "--workers", env=env, cwd=tmp_path)
 
     assert without.returncode == 1
-    assert "FAIL workers: no worker answered ping" in without.stdout
+    assert "FAIL workers: no answer to ping" in without.stdout
     assert with_worker.returncode == 0, with_worker.stdout
     lines = with_worker.stdout.splitlines()
     assert [line.split(":")[0].split(" ")[0] for line in lines] == ["ok", "ok", "ok"]
     assert "workers: 1 answered" in with_worker.stdout
+
+
+def test_health_of_one_node_fails_for_a_stopped_node_while_the_others_answer(
+    env, start_worker, tmp_path
+):
+    workers = [start_worker(name=f"node{n}-{tmp_path.name[-6:]}@%h") for n in range(3)]
+    os.kill(workers[1].pid, signal.SIGSTOP)
+    try:
+        each = [
+            run_cli("health", "--node", worker.node, "--timeout", "2", env=env, cwd=tmp_path)
+            for worker in workers
+        ]
+        anyone = run_cli("health", "--workers", "--timeout", "2", env=env, cwd=tmp_path)
+    finally:
+        os.kill(workers[1].pid, signal.SIGCONT)
+
+    assert [result.returncode for result in each] == [0, 1, 0], [r.stdout for r in each]
+    stopped = workers[1].node.replace("%h", socket.gethostname())
+    assert f"FAIL worker {stopped}: no answer to ping" in each[1].stdout
+    assert "1 answered" in each[0].stdout and "1 answered" in each[2].stdout
+    assert anyone.returncode == 0  # why a container must not use --workers
+    assert "2 answered" in anyone.stdout
 
 
 def test_health_fails_on_an_unreachable_database_and_masks_the_password(env, tmp_path):

@@ -556,7 +556,13 @@ def test_two_nodes_on_one_queue_one_killed_the_survivor_finishes_its_messages(
     victim = start_worker(concurrency=2, name="victim@%h")
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
 
-    wait_for(lambda: count_rows(db) >= 500, 120, "500 rows before the kill")
+    # Both nodes busy: 500 rows written and the victim holding messages (on a loaded machine a
+    # node can start consuming late).
+    wait_for(
+        lambda: count_rows(db) >= 500 and held_by(broker, victim.pid),
+        120,
+        "500 rows, and the victim holding messages, before the kill",
+    )
     children = victim.children()
     killed_at = time.monotonic()
     kill9(victim.pid)

@@ -157,13 +157,19 @@ def _utc(value: datetime | None) -> datetime | None:
 
 @main.command()
 @click.option("--workers", is_flag=True, help="Also require at least one worker to answer ping.")
+@click.option(
+    "--node",
+    metavar="NAME",
+    help="Also require this worker node to answer ping (worker@%h: %h is this host's name); "
+    "a container's healthcheck, which must not pass because another node answers.",
+)
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds per check.")
-def health(workers: bool, timeout: float) -> None:
+def health(workers: bool, node: str | None, timeout: float) -> None:
     """Check broker, database and schema (and workers); one line per check, exit 1 on failure."""
     from worker.health import run_checks
 
     ok = True
-    for check in run_checks(workers=workers, timeout=timeout):
+    for check in run_checks(workers=workers, node=node, timeout=timeout):
         ok &= check.ok
         click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
     sys.exit(0 if ok else 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from celery.utils.nodenames import host_format
+
 from worker.errors import SchemaNotCurrentError, one_line
 from worker.settings import mask_url, settings
 
@@ -18,11 +20,19 @@ class Check:
     detail: str
 
 
-def run_checks(workers: bool = False, timeout: float = 5.0) -> Iterator[Check]:
-    """Run each check in turn; none raises, each says what it saw."""
+def run_checks(
+    workers: bool = False, node: str | None = None, timeout: float = 5.0
+) -> Iterator[Check]:
+    """Run each check in turn; none raises, each says what it saw.
+
+    workers: at least one worker must answer ping. node: this worker node must (`%h` is this
+    host's name, as in `celery worker -n`), for a container's own healthcheck.
+    """
     yield _broker(timeout)
     yield _database()
-    if workers:
+    if node:
+        yield _workers(timeout, host_format(node))
+    elif workers:
         yield _workers(timeout)
 
 
@@ -49,14 +59,15 @@ def _database() -> Check:
     return Check(name, True, f"reachable, schema at head {head_revision()}")
 
 
-def _workers(timeout: float) -> Check:
+def _workers(timeout: float, node: str | None = None) -> Check:
     from worker.app import app
 
+    name = f"worker {node}" if node else "workers"
     try:
-        replies = app.control.ping(timeout=timeout) or []
+        replies = app.control.ping(destination=[node] if node else None, timeout=timeout) or []
     except Exception as exc:  # the broker refusing is a failed check, not a crash
-        return Check("workers", False, f"ping failed ({one_line(exc)})")
-    nodes = sorted(node for reply in replies for node in reply)
+        return Check(name, False, f"ping failed ({one_line(exc)})")
+    nodes = sorted(answered for reply in replies for answered in reply)
     if not nodes:
-        return Check("workers", False, f"no worker answered ping within {timeout:g} s")
-    return Check("workers", True, f"{len(nodes)} answered: {', '.join(nodes)}")
+        return Check(name, False, f"no answer to ping within {timeout:g} s")
+    return Check(name, True, f"{len(nodes)} answered: {', '.join(nodes)}")
