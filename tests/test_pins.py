@@ -24,6 +24,17 @@ OVERRIDDEN = [
     ("kombu.transport.redis:QoS.ack", "(self, delivery_tag)", "1bc15a4ddf541af6"),
     ("kombu.transport.redis:QoS.reject", "(self, delivery_tag, requeue=False)", "747a02434344d1a6"),
     ("kombu.transport.redis:QoS.restore_unacked", "(self, client=None)", "8954efef014d546e"),
+    (
+        "kombu.transport.redis:QoS.restore_visible",
+        "(self, start=0, num=10, interval=10)",
+        "d4a4a40a3eaf9f23",
+    ),
+    ("kombu.transport.redis:Channel._size", "(self, queue)", "7cc839b42fdc5e3b"),
+    (
+        "kombu.transport.redis:Channel._queue_bind",
+        "(self, exchange, routing_key, pattern, queue)",
+        "29b73e023af67e47",
+    ),
     ("kombu.transport.redis:Channel._brpop_start", "(self, timeout=None)", "06723d707ddf2240"),
     ("kombu.transport.redis:Channel._brpop_read", "(self, **options)", "c42518699709f2df"),
     ("kombu.transport.redis:Channel._get", "(self, queue)", "be26a9f1eb4cf8da"),

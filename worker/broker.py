@@ -26,6 +26,13 @@ What kombu's transport (kombu/transport/redis.py, 5.7) does, and what this one d
    kombu#582). Here a closed transport raises redis' ConnectionError, which every caller on that
    path handles as "the broker is away".
 5. kombu builds a new redis.Redis around the same pool for every command; here one per pool.
+6. A Redis at maxmemory (noeviction) stops kombu's worker: its start-up sweep takes a mutex
+   (SET NX), it reads queue lengths in a MULTI/EXEC (a full Redis refuses every command queued
+   in a transaction), it binds queues (SADD), and its poller lets any refusal escape. Here the
+   fetch and requeue scripts, which only move messages, run at maxmemory (Redis 7's allow-oom
+   flag), lengths are read without a transaction, and a refused sweep, heartbeat, settlement or
+   binding is logged and tried again: the worker drains the backlog that filled Redis, which is
+   what frees it. MISCONF (a failing disk) and READONLY (a replica) refusals take the same road.
 
 Messages are recorded in kombu's own format (`unacked`: tag -> [message, exchange, routing key],
 `unacked_index`: tag -> time), so workers on kombu's stock transport sharing the Redis restore
@@ -74,6 +81,32 @@ UNLIMITED_FETCH = 100
 HELD_BYTES = 8 * 1024 * 1024
 # After Redis refused a fetch (out of memory, say), wait this long before the next one.
 FETCH_BACKOFF_SECONDS = 1.0
+# A refusal by Redis (OOM at maxmemory, MISCONF, READONLY) is logged as a warning at most this
+# often per kind of work; in between at debug level.
+REFUSAL_WARNING_SECONDS = 30.0
+# Scripts that only move a message (fetch: list to unacked hash; requeue: back) free about as
+# much memory as they use: Redis 7 runs them at maxmemory when they say so. (Without the flag a
+# script's first write refused by OOM would leave the RPOP before it done: a message lost.)
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+_MOVING_SCRIPTS = frozenset(("fetch", "requeue"))
+
+_last_warned: dict[str, float] = {}
+
+
+def log_refusal(what: str, exc: Exception) -> None:
+    """Redis refused `what` (a full Redis, a replica, a failed disk): keep going, say so."""
+    now = time.monotonic()
+    if now - _last_warned.get(what, -REFUSAL_WARNING_SECONDS) >= REFUSAL_WARNING_SECONDS:
+        _last_warned[what] = now
+        logger.warning(
+            "Redis refused %s, retrying (warned at most every %g s): %s",
+            what,
+            REFUSAL_WARNING_SECONDS,
+            exc,
+        )
+    else:
+        logger.debug("Redis refused %s: %s", what, exc)
+
 
 # Takes up to ARGV[1] messages, and once ARGV[5] bytes are taken no more, off the lists KEYS[4..]
 # (in that order), and records each as unacknowledged in the same call: in the unacked hash
@@ -218,6 +251,14 @@ class QoS(kombu_redis.QoS):
             self.channel.settle_later(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        # kombu's sweep takes a mutex (SET NX), which a full Redis refuses: at start-up that was
+        # the worker's end ("Unrecoverable error: OutOfMemoryError"). Skip the sweep instead.
+        try:
+            super().restore_visible(start=start, num=num, interval=interval)
+        except ResponseError as exc:
+            log_refusal("the visibility-timeout sweep", exc)
+
     def restore_unacked(self, client: Any = None) -> None:
         """Put every message still held back on its queue (warm shutdown, channel close)."""
         self._flush()
@@ -276,6 +317,8 @@ class Channel(kombu_redis.Channel):
         self._sources: dict[str, str] = {}
         self._tag_numbers = itertools.count(1)
         self._scripts: dict[str, Any] = {}
+        self._unbound: list[tuple[str, str, str, str]] = []
+        self._bind_after = 0.0
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -355,8 +398,11 @@ class Channel(kombu_redis.Channel):
                 self._scripts.clear()  # Redis restarted: load the scripts again
                 raise Empty() from None
             except ResponseError as exc:
-                logger.warning("Redis refused to hand out messages, retrying in 1 s: %s", exc)
+                log_refusal("to hand out messages", exc)
                 self._fetch_after = time.monotonic() + FETCH_BACKOFF_SECONDS
+                # A refused wait (BLMOVE writes, so a full Redis refuses it) is followed by a
+                # fetch, which may run at maxmemory and is what frees memory.
+                self._wait_next = False
                 raise Empty() from None
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu sets None, types bool
@@ -432,6 +478,34 @@ class Channel(kombu_redis.Channel):
             self._forget_on_delivery(message.delivery_tag)
         return message
 
+    def _size(self, queue: str) -> int:
+        # kombu reads the lengths in a MULTI/EXEC, and Redis at maxmemory refuses every command
+        # queued in a transaction, reads included: at start-up (the queue's declaration) that
+        # was the worker's end. Lengths need no transaction.
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for pri in self.priority_steps:
+                pipe.llen(self._q_for_pri(queue, pri))
+            return sum(size for size in pipe.execute() if isinstance(size, int))
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        # A binding is a write, which a full (or read-only) Redis refuses: consume all the same,
+        # and bind again later (retry_bindings); what is queued is drained meanwhile.
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except ResponseError as exc:
+            log_refusal("a queue binding", exc)
+            self._unbound.append((exchange, routing_key, pattern, queue))
+
+    def retry_bindings(self) -> None:
+        """Try again the bindings Redis refused, at most every FETCH_BACKOFF_SECONDS."""
+        if not self._unbound or time.monotonic() < self._bind_after:
+            return
+        self._bind_after = time.monotonic() + FETCH_BACKOFF_SECONDS
+        unbound, self._unbound = self._unbound, []
+        for binding in unbound:
+            self._queue_bind(*binding)
+
     def take_recorded(self, tag: str) -> bool:
         """Whether `tag` came from a fetch (already recorded in Redis); forgets it."""
         return self._recorded.pop(tag, None) is not None
@@ -499,8 +573,14 @@ class Channel(kombu_redis.Channel):
         sha = self._scripts.get(name)
         if sha is None:
             with self.conn_or_acquire() as client:
+                if name in _MOVING_SCRIPTS and self._redis_major(client) >= 7:
+                    source = ALLOW_OOM + source
                 sha = self._scripts[name] = client.script_load(source)
         return sha
+
+    def _redis_major(self, client: Any) -> int:
+        version = str(client.info("server").get("redis_version", "0"))
+        return int(version.split(".")[0] or 0)
 
     def _evalsha(self, client: Any, name: str, source: str, args: list[Any]) -> Any:
         sha = self._script_sha(name, source)
@@ -606,8 +686,11 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
                 if self._settle_tref is None or len(channel._settlements) >= SETTLE_BATCH:
                     channel.flush_settlements()
                 channel.heartbeat()
+                channel.retry_bindings()
             except channel.connection_errors:
                 logger.debug("broker away while settling; retrying next turn", exc_info=True)
+            except ResponseError as exc:  # a full, read-only or failing Redis: keep draining
+                log_refusal("a settlement or heartbeat", exc)
         super().on_poll_start()
 
     def flush_settlements(self) -> None:
@@ -617,6 +700,8 @@ class MultiChannelPoller(kombu_redis.MultiChannelPoller):
                 channel.flush_settlements()
             except channel.connection_errors:
                 logger.debug("broker away while settling; retrying", exc_info=True)
+            except ResponseError as exc:
+                log_refusal("a settlement", exc)
 
 
 class Transport(kombu_redis.Transport):
