@@ -73,6 +73,14 @@ broker_use_ssl = (
     if _settings.broker_url.startswith("rediss://") and "ssl_cert_reqs=" not in _settings.broker_url
     else None
 )
+# Celery refuses a bare rediss:// result backend ("must have parameter ssl_cert_reqs"): say
+# TLS checked against the system's CAs here too, unless the URL sets ssl_cert_reqs itself.
+redis_backend_use_ssl = (
+    {"ssl_cert_reqs": _ssl.CERT_REQUIRED}
+    if (_settings.result_backend or "").startswith("rediss://")
+    and "ssl_cert_reqs=" not in (_settings.result_backend or "")
+    else None
+)
 broker_transport_options = (
     _sqlite_transport_options
     if _settings.broker_url.startswith("sqla+")

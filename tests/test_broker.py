@@ -23,7 +23,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from tests.conftest import ROOT, run_cli, service_env, wait_for
+from tests.conftest import ROOT, run_cli, run_python, service_env, wait_for
 from tests.faults import free_port
 
 QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
@@ -497,3 +497,28 @@ def test_rediss_brokers_get_this_transport_over_verified_tls(
     assert '"outcome": "created"' in sent.stdout, sent.stderr
     assert heartbeats == 1, "the worker must consume with worker/broker.py's transport"
     client.close()
+
+
+BACKEND_PING = (
+    "from worker.app import app; print(type(app.backend).__module__, app.backend.client.ping())"
+)
+
+
+def test_a_bare_rediss_result_backend_is_the_projects_and_checks_the_certificate(tls_redis):
+    port, ca = tls_redis
+    url = f"rediss://127.0.0.1:{port}/1"
+    env = service_env(CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url)
+
+    trusted = run_python(BACKEND_PING, env={**env, "SSL_CERT_FILE": str(ca)}, cwd=ROOT)
+    untrusted = subprocess.run(
+        [sys.executable, "-c", BACKEND_PING],
+        env={k: v for k, v in env.items() if k != "SSL_CERT_FILE"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert trusted.stdout.split() == ["worker.results", "True"]
+    assert untrusted.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr

@@ -28,6 +28,12 @@ from tests.test_grouping import pool_jobs
 from tests.test_malformed import letters, queue_settled
 
 PROBES = {"PYTHONPATH": str(ROOT)}
+# A hard time limit of 3 s (soft 2 s), one retry, after at most 1 s.
+ONE_RETRY_AFTER_3_SECONDS = {
+    "WRITING_SESSIONS_TASK_TIME_LIMIT": "3",
+    "WRITING_SESSIONS_MAX_RETRIES": "1",
+    "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
+}
 
 
 @contextmanager
@@ -144,15 +150,10 @@ def test_a_group_past_its_hard_time_limit_counts_an_attempt_and_only_the_stuck_o
     db, producer, start_worker
 ):
     locked = str(uuid.uuid4())
-    one_retry = {
-        "WRITING_SESSIONS_TASK_TIME_LIMIT": "3",
-        "WRITING_SESSIONS_MAX_RETRIES": "1",
-        "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
-    }
     with row_locked(db, locked):
         results = [send_save(producer, new_session()) for _ in range(9)]
         stuck = send_save(producer, new_session(id=locked))
-        worker = start_worker(concurrency=1, extra_env=one_retry)
+        worker = start_worker(concurrency=1, extra_env=ONE_RETRY_AFTER_3_SECONDS)
         wait_for(lambda: count_rows(db, "dead_letter") == 1, 60, "the stuck one's dead letter")
         outcomes = [result.get(timeout=30)["outcome"] for result in results]
     (letter,) = letters(db)
@@ -169,16 +170,11 @@ def test_a_save_many_past_its_hard_time_limit_is_retried_then_dead_lettered_not_
     db, producer, start_worker
 ):
     locked = str(uuid.uuid4())
-    one_retry = {
-        "WRITING_SESSIONS_TASK_TIME_LIMIT": "3",
-        "WRITING_SESSIONS_MAX_RETRIES": "1",
-        "WRITING_SESSIONS_RETRY_BACKOFF_MAX": "1",
-    }
     with row_locked(db, locked):
         batch = producer.send_task(
             "writing_sessions.save_many", args=[[new_session(), new_session(id=locked)]]
         )
-        start_worker(concurrency=1, extra_env=one_retry)
+        start_worker(concurrency=1, extra_env=ONE_RETRY_AFTER_3_SECONDS)
         wait_for(lambda: count_rows(db, "dead_letter") == 1, 60, "the batch's dead letter")
     (letter,) = letters(db)
 

@@ -15,9 +15,12 @@ app.conf.include = ("tasks.writing_sessions",)
 # request (a body that is not [args, kwargs, embed], an unknown task name, undecodable content)
 # is kept as a dead letter and acknowledged, instead of being dropped or stopping the worker.
 app.conf.malformed_message_handler = "worker.dead_letters:keep_malformed"
-# redis:// result backends get Celery's Redis backend storing each result in one round trip
-# (worker/results.py). Set on the loader, which picks backend classes by URL scheme.
-app.loader.override_backends = {"redis": "worker.results:RedisBackend"}
+# redis:// and rediss:// result backends get Celery's Redis backend storing each result in one
+# round trip (worker/results.py). Set on the loader, which picks backend classes by URL scheme.
+app.loader.override_backends = {
+    "redis": "worker.results:RedisBackend",
+    "rediss": "worker.results:RedisBackend",
+}
 
 if any(
     f"sqlite:///{VAR_DIR}/" in (url or "") for url in (app.conf.broker_url, app.conf.result_backend)
