@@ -51,3 +51,73 @@ def test_a_backlog_that_filled_redis_is_drained_by_a_worker_started_after_it(
     assert info["used_memory"] < info["maxmemory"]
     client.close()
     print(json.dumps({"accepted": len(accepted)}))
+
+
+def test_a_redis_that_fills_up_under_a_running_worker_is_drained_and_the_worker_lives(
+    db, database_url, redis_url, private_redis, start_worker
+):
+    env = service_env(
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=private_redis.url,
+        CELERY_RESULT_BACKEND=redis_url,
+    )
+    worker = start_worker(base_env=env, concurrency=1)
+    client = redis.Redis.from_url(private_redis.url)
+    client.config_set("maxmemory", "6mb")
+    accepted, refused = [], 0
+    while len(accepted) < 4000:  # a producer faster than the worker, until Redis refuses
+        session = new_session(content="x" * 2000)
+        try:
+            client.lpush("celery", envelope([[session], {}, EMBED]))
+        except OutOfMemoryError:
+            refused += 1
+            if refused >= 50:
+                break
+            continue
+        accepted.append(session["id"])
+
+    wait_for(lambda: count_rows(db) == len(accepted), 120, "every accepted message written")
+    wait_for(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0, 30, "empty")
+
+    assert refused >= 50, "Redis must have filled up under the worker"
+    assert worker.alive(), worker.log()
+    assert "Unrecoverable error" not in worker.log()
+    assert count_rows(db, "dead_letter") == 0
+    client.close()
+
+
+def test_a_redis_refusing_writes_after_a_failed_save_misconf_loses_nothing(
+    db, database_url, redis_url, private_redis, start_worker
+):
+    env = service_env(
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=private_redis.url,
+        CELERY_RESULT_BACKEND=redis_url,
+    )
+    client = redis.Redis.from_url(private_redis.url)
+    first = [new_session() for _ in range(3000)]
+    for session in first:
+        client.lpush("celery", envelope([[session], {}, EMBED]))
+    worker = start_worker(base_env=env, concurrency=1)
+    wait_for(lambda: count_rows(db) >= 100, 60, "100 rows before the disk fails")
+
+    # A snapshot that cannot be written (as on a failing disk: here its name is a directory's):
+    # with a save point set, Redis refuses every write (MISCONF).
+    blocker = private_redis.directory / "dump.rdb"
+    (blocker / "in-the-way").mkdir(parents=True)
+    client.config_set("save", "3600 1")
+    client.config_set("stop-writes-on-bgsave-error", "yes")
+    client.bgsave()
+    wait_for(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err", 30, "MISCONF")
+    queued = client.llen("celery")  # a read: still answered
+    wait_for(lambda: "MISCONF" in worker.log(), 30, "the worker to meet the refusal")
+    (blocker / "in-the-way").rmdir()
+    blocker.rmdir()
+    client.config_set("stop-writes-on-bgsave-error", "no")
+
+    wait_for(lambda: count_rows(db) == 3000, 120, "every message written")
+    assert queued > 0, "the refusal must come while messages wait"
+    assert worker.alive(), worker.log()
+    assert "Unrecoverable error" not in worker.log()
+    wait_for(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0, 30, "empty")
+    client.close()
