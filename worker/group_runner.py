@@ -4,9 +4,10 @@ worker/celery_ext/group_commit.py buffers the messages waiting in a worker and c
 in a pool child with each group; it fires each message's signals and stores its result. Here
 each message is validated on its own, the valid ones are written in one transaction by the
 revision rule, each id's rows ending as one-by-one writes would leave them (`store.write_group`),
-and each invalid one gets a dead letter in the same transaction. Whatever fails is settled per message by the one decision the per-task path
-uses too (`worker.task.settle_failure`): a transient fault retries each message with backoff; a
-fault that only the whole group meets splits it, so only the message that causes it fails.
+and each invalid one gets a dead letter in the same transaction. Whatever fails is settled per
+message by the one decision the per-task path uses too (`worker.task.settle_failure`): a
+transient fault retries each message with backoff; a fault that only the whole group meets
+splits it, so only the message that causes it fails.
 """
 
 from __future__ import annotations
