@@ -28,15 +28,19 @@ def fill_until_full(url: str) -> list[str]:
     return accepted
 
 
+def on_private_broker(database_url: str, broker_url: str, results_url: str) -> dict[str, str]:
+    """A worker's environment with the test's private Redis as broker (results elsewhere: a full
+    broker must not be what refuses them)."""
+    return service_env(
+        DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url, CELERY_RESULT_BACKEND=results_url
+    )
+
+
 def test_a_backlog_that_filled_redis_is_drained_by_a_worker_started_after_it(
     db, database_url, redis_url, private_redis, start_worker
 ):
     accepted = fill_until_full(private_redis.url)
-    env = service_env(
-        DATABASE_URL=database_url,
-        CELERY_BROKER_URL=private_redis.url,
-        CELERY_RESULT_BACKEND=redis_url,
-    )
+    env = on_private_broker(database_url, private_redis.url, redis_url)
 
     worker = start_worker(base_env=env)
     wait_for(lambda: count_rows(db) == len(accepted), 120, "every accepted message written")
@@ -56,11 +60,7 @@ def test_a_backlog_that_filled_redis_is_drained_by_a_worker_started_after_it(
 def test_a_redis_that_fills_up_under_a_running_worker_is_drained_and_the_worker_lives(
     db, database_url, redis_url, private_redis, start_worker
 ):
-    env = service_env(
-        DATABASE_URL=database_url,
-        CELERY_BROKER_URL=private_redis.url,
-        CELERY_RESULT_BACKEND=redis_url,
-    )
+    env = on_private_broker(database_url, private_redis.url, redis_url)
     worker = start_worker(base_env=env, concurrency=1)
     client = redis.Redis.from_url(private_redis.url)
     client.config_set("maxmemory", "6mb")
@@ -89,11 +89,7 @@ def test_a_redis_that_fills_up_under_a_running_worker_is_drained_and_the_worker_
 def test_a_redis_refusing_writes_after_a_failed_save_misconf_loses_nothing(
     db, database_url, redis_url, private_redis, start_worker
 ):
-    env = service_env(
-        DATABASE_URL=database_url,
-        CELERY_BROKER_URL=private_redis.url,
-        CELERY_RESULT_BACKEND=redis_url,
-    )
+    env = on_private_broker(database_url, private_redis.url, redis_url)
     client = redis.Redis.from_url(private_redis.url)
     first = [new_session() for _ in range(3000)]
     for session in first:
