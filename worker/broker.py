@@ -53,14 +53,17 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from queue import Empty
 from typing import Any, cast
 
+from celery import signals
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -81,6 +84,9 @@ UNLIMITED_FETCH = 100
 HELD_BYTES = 8 * 1024 * 1024
 # After Redis refused a fetch (out of memory, say), wait this long before the next one.
 FETCH_BACKOFF_SECONDS = 1.0
+# A restore pushes back at most this many messages, or about this many bytes, per script call.
+RESTORE_BATCH = 500
+RESTORE_BYTES = 4 * 1024 * 1024
 # A refusal by Redis (OOM at maxmemory, MISCONF, READONLY) is logged as a warning at most this
 # often per kind of work; in between at debug level.
 REFUSAL_WARNING_SECONDS = 30.0
@@ -88,9 +94,11 @@ REFUSAL_WARNING_SECONDS = 30.0
 # much memory as they use: Redis 7 runs them at maxmemory when they say so. (Without the flag a
 # script's first write refused by OOM would leave the RPOP before it done: a message lost.)
 ALLOW_OOM = "#!lua flags=allow-oom\n"
-_MOVING_SCRIPTS = frozenset(("fetch", "requeue"))
+_MOVING_SCRIPTS = frozenset(("fetch", "requeue", "restore"))
 
 _last_warned: dict[str, float] = {}
+# The channels that heartbeat, for the warm shutdown to keep them beating (Channel.keep_beating).
+_beating: weakref.WeakSet[Channel] = weakref.WeakSet()
 
 
 def log_refusal(what: str, exc: Exception) -> None:
@@ -151,12 +159,48 @@ return 1
 """
 
 # Refreshes consumer ARGV[1]'s heartbeat (unless it is empty) in the sorted set KEYS[1], by
-# Redis' clock, and returns the consumers silent for more than ARGV[2] seconds.
+# Redis' clock, and returns the consumers silent for more than ARGV[2] seconds. The hash KEYS[2]
+# keeps when anyone last beat and when Redis last stalled: a gap of over ARGV[3] seconds between
+# two heartbeats of the whole fleet (DEBUG SLEEP, a slow fsync or fork, a Redis too full to take
+# heartbeats) silenced every consumer alike, so no one counts as silent for ARGV[2] seconds after
+# it: the live ones beat again meanwhile, and a dead one is found dead ARGV[2] seconds later.
 HEARTBEAT = """
 local now = redis.call('TIME')
 local seconds = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local last = tonumber(redis.call('HGET', KEYS[2], 'last') or seconds)
+redis.call('HSET', KEYS[2], 'last', seconds)
+if seconds - last > tonumber(ARGV[3]) then redis.call('HSET', KEYS[2], 'stall', seconds) end
 if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], seconds, ARGV[1]) end
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', seconds - tonumber(ARGV[2]))
+local silent_since = seconds - tonumber(ARGV[2])
+if tonumber(redis.call('HGET', KEYS[2], 'stall') or 0) > silent_since then return {} end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent_since)
+"""
+
+# Restores messages of consumer ARGV[1] (heartbeats KEYS[1], clock KEYS[2], tag set KEYS[3])
+# if it is still silent for more than ARGV[2] seconds, as HEARTBEAT judges it; -1 otherwise.
+# ARGV[3..] hold, per message, its tag, its payload, and how many lists it goes to followed by
+# their numbers among KEYS[6..]. The unacked hash entry (KEYS[4]) is the claim, as in REQUEUE:
+# a message someone else restored or acknowledged meanwhile is left alone. A message that goes to
+# no list (its record is gone, or unreadable) only leaves the tag set. Returns how many messages
+# it pushed back.
+RESTORE = """
+local now = redis.call('TIME')
+local silent_since = tonumber(now[1]) + tonumber(now[2]) / 1000000 - tonumber(ARGV[2])
+local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or 0)
+local stall = tonumber(redis.call('HGET', KEYS[2], 'stall') or 0)
+if beat > silent_since or stall > silent_since then return -1 end
+local restored, i = 0, 3
+while i <= #ARGV do
+    local tag, payload, lists = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    if lists > 0 and redis.call('HDEL', KEYS[4], tag) == 1 then
+        for n = 1, lists do redis.call('RPUSH', KEYS[5 + tonumber(ARGV[i + 2 + n])], payload) end
+        restored = restored + 1
+    end
+    redis.call('ZREM', KEYS[5], tag)
+    redis.call('SREM', KEYS[3], tag)
+    i = i + 3 + lists
+end
+return restored
 """
 
 # Forgets consumer ARGV[1] (heartbeats KEYS[1], tag set KEYS[2]) once the tags ARGV[2..] are
@@ -319,6 +363,8 @@ class Channel(kombu_redis.Channel):
         self._scripts: dict[str, Any] = {}
         self._unbound: list[tuple[str, str, str, str]] = []
         self._bind_after = 0.0
+        self._closed_event = threading.Event()
+        self._beat_thread: threading.Thread | None = None
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -597,41 +643,137 @@ class Channel(kombu_redis.Channel):
         if time.monotonic() < self._heartbeat_due or not self.active_queues:
             return
         self._heartbeat_due = time.monotonic() + self.consumer_heartbeat_interval
+        _beating.add(self)
         with self.conn_or_acquire() as client:
-            dead = self._evalsha(
-                client,
-                "heartbeat",
-                HEARTBEAT,
-                [1, self._heartbeats_key, self.consumer_id, self.consumer_heartbeat_timeout],
-            )
+            dead = self._beat(client)
             if not dead:
                 return
-            # One restorer at a time (others skip this turn); each restore is atomic anyway.
+            # One restorer at a time (others skip this turn). The mutex expires on the scale of
+            # the heartbeat timeout, so a restorer killed mid-restore delays the rest by that
+            # much at most; every batch re-checks its consumer and claims each message anyway.
+            expire = max(1, round(self.consumer_heartbeat_timeout))
             try:
-                with kombu_redis.Mutex(
-                    client, f"{self.unacked_mutex_key}_heartbeats", self.unacked_mutex_expire
-                ):
+                with kombu_redis.Mutex(client, f"{self.unacked_mutex_key}_heartbeats", expire):
                     for consumer in dead:
                         self._restore_consumer(client, bytes_to_str(consumer))
             except kombu_redis.MutexHeld:
                 pass
 
+    def keep_beating(self) -> None:
+        """Heartbeat from a thread of its own until the channel closes.
+
+        A warm shutdown stops the event loop, which heartbeats, and then waits for the pool to
+        finish what it runs: a shutdown longer than the heartbeat timeout would otherwise have
+        those messages restored elsewhere and run twice. Restoring others stays with the loop.
+        """
+        if self._beat_thread is None and not self._closed_event.is_set():
+            self._beat_thread = threading.Thread(
+                target=self._beat_until_closed, name="broker-heartbeat", daemon=True
+            )
+            self._beat_thread.start()
+
+    def _beat_until_closed(self) -> None:
+        while not self._closed_event.wait(self.consumer_heartbeat_interval):
+            try:
+                with self.conn_or_acquire() as client:
+                    self._beat(client)
+            except self.connection_errors as exc:
+                logger.debug("broker away during the shutdown's heartbeat: %s", exc)
+            except ResponseError as exc:
+                log_refusal("a heartbeat", exc)
+
+    def _beat(self, client: Any) -> list[Any]:
+        keys = [self._heartbeats_key, f"{self._heartbeats_key}_clock"]
+        timeout, interval = self.consumer_heartbeat_timeout, self.consumer_heartbeat_interval
+        # A fleet-wide silence this long can make a live consumer look dead (HEARTBEAT).
+        stall = max(timeout - 2 * interval, interval)
+        args = [len(keys), *keys, self.consumer_id, timeout, stall]
+        return cast(list[Any], self._evalsha(client, "heartbeat", HEARTBEAT, args))
+
     def _restore_consumer(self, client: Any, consumer: str) -> None:
         owner = self._owner_key(consumer)
         tags = sorted(bytes_to_str(tag) for tag in client.smembers(owner))
-        for tag in tags:
-            self.qos.restore_by_tag(tag, client)
-        for start in range(0, max(len(tags), 1), 1000):
-            chunk = tags[start : start + 1000]
+        restored = 0
+        for batch in self._restore_batches(client, tags):
+            lists: dict[str, int] = {}
+            args: list[Any] = []
+            for tag, payload, queues in batch:
+                numbers = [lists.setdefault(key, len(lists) + 1) for key in queues]
+                args += [tag, payload, len(numbers), *numbers]
+            keys = [
+                self._heartbeats_key,
+                f"{self._heartbeats_key}_clock",
+                owner,
+                self.unacked_key,
+                self.unacked_index_key,
+                *lists,
+            ]
+            timeout = self.consumer_heartbeat_timeout
+            done = self._evalsha(
+                client, "restore", RESTORE, [len(keys), *keys, consumer, timeout, *args]
+            )
+            if done == -1:
+                break  # it beat again: alive after all (a stall, a slow loop)
+            restored += done
+        else:
             keys = [self._heartbeats_key, owner]
-            self._evalsha(client, "forget", FORGET, [len(keys), *keys, consumer, *chunk])
-        if tags:
+            self._evalsha(client, "forget", FORGET, [len(keys), *keys, consumer])
+        if restored:
             logger.warning(
                 "restored %d message(s) of consumer %s, silent for over %s s",
-                len(tags),
+                restored,
                 consumer,
                 self.consumer_heartbeat_timeout,
             )
+
+    def _restore_batches(
+        self, client: Any, tags: list[str]
+    ) -> Iterator[list[tuple[str, str, list[str]]]]:
+        """The held messages `tags`, marked redelivered as kombu marks them, in script batches.
+
+        Each is (tag, payload, the lists it goes back to); a tag no longer in the unacked hash
+        (acknowledged, or restored by someone else) goes with no list, so that the script still
+        clears it from the consumer's tag set.
+        """
+        batch: list[tuple[str, str, list[str]]] = []
+        size = 0
+        for start in range(0, len(tags), RESTORE_BATCH):
+            chunk = tags[start : start + RESTORE_BATCH]
+            for tag, raw in zip(chunk, client.hmget(self.unacked_key, chunk), strict=True):
+                payload, queues = self._restorable(raw)
+                batch.append((tag, payload, queues))
+                size += len(payload)
+                if len(batch) >= RESTORE_BATCH or size >= RESTORE_BYTES:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _restorable(self, raw: Any) -> tuple[str, list[str]]:
+        if raw is None:
+            return "", []
+        text = bytes_to_str(raw)
+        try:
+            payload, exchange, routing_key = json.loads(text)
+        except ValueError:
+            # A message that is not JSON (kept as a malformed one when delivered) was recorded
+            # as '[' + message + ',"",<queue>]' by the fetch: it goes back as it came.
+            head, separator, tail = text.rpartition(',"",')
+            try:
+                queue = json.loads(tail[:-1]) if separator and text[:1] == "[" else None
+            except ValueError:
+                queue = None
+            if not isinstance(queue, str):
+                logger.error("cannot restore an unacked record no fetch made: %.200r", text)
+                return "", []
+            return head[1:], [self._q_for_pri(queue, 0)]
+        # As kombu marks a restored message (Channel._do_restore_message).
+        with suppress(KeyError, TypeError):
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+        priority = self._get_message_priority(payload, reverse=False)
+        queues = self._lookup(exchange, routing_key)
+        return dumps(payload), [self._q_for_pri(queue, priority) for queue in queues]
 
     def _forget_self(self) -> None:
         if self._consumer_id is None:
@@ -662,6 +804,7 @@ class Channel(kombu_redis.Channel):
     def close(self) -> None:
         if not self.closed:
             self._closing = True
+            self._closed_event.set()
             if self._in_poll:
                 with suppress(Empty):
                     self._brpop_read()  # a fetch in flight: its messages are held now
@@ -672,6 +815,12 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors as exc:
                 logger.debug("could not unregister consumer %s: %s", self._consumer_id, exc)
         super().close()
+
+
+@signals.worker_shutting_down.connect
+def _keep_beating_through_the_warm_shutdown(**_: Any) -> None:
+    for channel in list(_beating):
+        channel.keep_beating()
 
 
 class MultiChannelPoller(kombu_redis.MultiChannelPoller):
