@@ -59,6 +59,8 @@ class PrivateRedis:
                 "everysec",
                 "--maxmemory-policy",
                 "noeviction",
+                "--enable-debug-command",  # DEBUG SLEEP, to stall it (tests/test_stalls.py)
+                "local",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
