@@ -1,5 +1,6 @@
-"""A Redis at maxmemory (noeviction) is drained, never a reason to stop: a backlog that filled it
-before any worker ran is written whole by a worker started afterwards."""
+"""A Redis that refuses writes is drained, never a reason to stop: at maxmemory (noeviction) a
+backlog that filled it before any worker ran is written whole by a worker started afterwards;
+a Redis that cannot persist (MISCONF) or became a replica (READONLY) loses nothing either."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import redis
 from redis.exceptions import OutOfMemoryError
 
 from tests.conftest import count_rows, new_session, service_env, wait_for
+from tests.faults import PrivateRedis
 from tests.test_malformed import EMBED, envelope
 
 
@@ -117,3 +119,48 @@ def test_a_redis_refusing_writes_after_a_failed_save_misconf_loses_nothing(
     assert "Unrecoverable error" not in worker.log()
     wait_for(lambda: client.llen("celery") == 0 and client.hlen("unacked") == 0, 30, "empty")
     client.close()
+
+
+def test_a_redis_demoted_to_a_replica_mid_load_readonly_loses_nothing(
+    db, database_url, redis_url, private_redis, tmp_path, start_worker
+):
+    env = on_private_broker(database_url, private_redis.url, redis_url)
+    client = redis.Redis.from_url(private_redis.url)
+    sessions = [new_session() for _ in range(30000)]
+    with client.pipeline(transaction=False) as pipe:
+        for session in sessions:
+            pipe.lpush("celery", envelope([[session], {}, EMBED]))
+        pipe.execute()
+    worker = start_worker(base_env=env, concurrency=1)
+    wait_for(lambda: count_rows(db) >= 100, 60, "100 rows before the failover")
+
+    # A failover, as Sentinel or a managed Redis makes one: a replica that has every message
+    # takes over, and the broker the worker talks to becomes a (read-only) replica of it.
+    (tmp_path / "other").mkdir()
+    other = PrivateRedis(tmp_path / "other")
+    promoted = redis.Redis(port=other.port)
+    try:
+        promoted.replicaof("127.0.0.1", private_redis.port)
+        wait_for(lambda: in_sync(promoted), 30, "the replica in sync")
+        promoted.replicaof("NO", "ONE")
+        client.replicaof("127.0.0.1", other.port)
+        wait_for(lambda: "read only replica" in worker.log(), 30, "the worker to meet READONLY")
+        queued = client.llen("celery")  # a read: still answered
+    finally:
+        client.replicaof("NO", "ONE")  # and back (the worker's URL names this one)
+        assert other.process is not None
+        other.process.kill()
+        other.process.wait(10)
+
+    wait_for(lambda: count_rows(db) == len(sessions), 180, "every message written")
+    assert queued > 0, "the refusal must come while messages wait"
+    assert worker.alive(), worker.log()
+    assert "Unrecoverable error" not in worker.log()
+    assert count_rows(db, "dead_letter") == 0
+    wait_for(lambda: client.llen("celery") == 0, 30, "the queue empty")
+    client.close()
+
+
+def in_sync(replica: redis.Redis) -> bool:
+    info = replica.info("replication")
+    return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == 0

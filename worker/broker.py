@@ -69,7 +69,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +445,11 @@ class Channel(kombu_redis.Channel):
                 raise Empty() from None
             except ResponseError as exc:
                 log_refusal("to hand out messages", exc)
+                if isinstance(exc, ReadOnlyError):
+                    # A replica now (a failover): connect again, to wherever the host name (or
+                    # Sentinel) points the next time.
+                    self.client.connection.disconnect()
+                    self.pool.disconnect()
                 self._fetch_after = time.monotonic() + FETCH_BACKOFF_SECONDS
                 # A refused wait (BLMOVE writes, so a full Redis refuses it) is followed by a
                 # fetch, which may run at maxmemory and is what frees memory.
