@@ -7,6 +7,7 @@ an underscore, which Celery leaves out.
 
 import ssl as _ssl
 
+from worker.broker import StayOnTheSentinels as _StayOnTheSentinels
 from worker.settings import settings as _settings
 
 broker_url = _settings.broker_url
@@ -48,22 +49,32 @@ task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
 # seconds (worker/broker.py). The visibility timeout is the backstop for a live worker whose
 # task overruns (and for workers on kombu's stock transport); kombu sweeps for it only every
 # unacked_restore_interval x unacked_restore_throttle seconds, so sweep every interval.
-_redis_transport_options = {
+_redis_transport_options: dict[str, object] = {
     "visibility_timeout": _settings.visibility_timeout,
     "unacked_restore_interval": max(1, min(10, _settings.visibility_timeout // 4)),
     "unacked_restore_throttle": 1,
     "consumer_heartbeat_interval": 2,
     "consumer_heartbeat_timeout": 15,
 }
+if _settings.broker_master_name:
+    # sentinel:// brokers: the name of the master the sentinels watch (CELERY_BROKER_MASTER_NAME).
+    _redis_transport_options["master_name"] = _settings.broker_master_name
 # The embedded broker (kombu's SQLAlchemy transport) passes its options to create_engine:
 # let SQLite writers wait for each other instead of failing with "database is locked".
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
 # kombu's Redis transport, receiving in atomic batches, acknowledging in batches and recovering
-# a dead worker's messages by heartbeat (worker/broker.py), for redis:// and rediss:// alike.
+# a dead worker's messages by heartbeat (worker/broker.py), for redis://, rediss:// and Redis
+# through Sentinel (sentinel://) alike.
 broker_transport = (
     "worker.broker:Transport"
     if _settings.broker_url.startswith(("redis://", "rediss://"))
+    else "worker.broker:SentinelTransport"
+    if _settings.broker_url.startswith("sentinel://")
     else None
+)
+# The URLs of a sentinel:// broker are sentinels of one master: no switching between them.
+broker_failover_strategy = (
+    _StayOnTheSentinels if _settings.broker_url.startswith("sentinel://") else "round-robin"
 )
 # kombu turns a bare rediss:// into TLS only for its own transport, and then without checking
 # the server's certificate. Say TLS here, checked against the system's CAs, unless the URL sets

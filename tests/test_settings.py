@@ -55,3 +55,25 @@ def test_mask_url_hides_the_password(url):
 
     assert "hunter2" not in masked
     assert "***" in masked
+
+
+SENTINELS = "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2:26379/0"
+
+
+def test_a_sentinel_broker_takes_its_master_name_from_the_setting_or_the_url():
+    from_setting = load_settings(
+        {"CELERY_BROKER_URL": SENTINELS, "CELERY_BROKER_MASTER_NAME": "primary"}
+    )
+    from_url = load_settings({"CELERY_BROKER_URL": f"{SENTINELS}?master_name=from-url"})
+
+    assert from_setting.broker_master_name == "primary"
+    assert from_url.broker_master_name == "from-url"
+
+
+def test_a_sentinel_broker_without_a_master_name_names_the_setting():
+    with pytest.raises(ConfigurationError, match="CELERY_BROKER_MASTER_NAME"):
+        load_settings({"CELERY_BROKER_URL": SENTINELS})
+
+
+def test_mask_url_hides_the_password_of_every_sentinel():
+    assert mask_url(SENTINELS) == "sentinel://:***@10.0.0.1:26379;sentinel://:***@10.0.0.2:26379/0"

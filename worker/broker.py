@@ -873,3 +873,48 @@ class Transport(kombu_redis.Transport):
         if cycle._settle_tref is not None:
             cycle._settle_tref.cancel()  # from an earlier connection
         cycle._settle_tref = loop.call_repeatedly(SETTLE_SECONDS, cycle.flush_settlements)
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above on a Redis found through Sentinel (`sentinel://h1:26379;sentinel://…`).
+
+    kombu's SentinelChannel finds the master (and finds it again after a failover, when the old
+    one drops the connection or answers READONLY); everything else is this module's.
+    """
+
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it as fixed-length
+        *Channel.from_transport_options,
+        "master_name",
+        "min_other_sentinels",
+        "sentinel_kwargs",
+        "sentinel_fanout_compat",
+    )
+
+
+class StayOnTheSentinels:
+    """A kombu failover strategy (Celery's `broker_failover_strategy`) that never switches.
+
+    The `;`-separated URLs of a sentinel:// broker are the sentinels of one master, and the
+    channel asks them in turn itself. kombu's switching to "the next URL" after a connection
+    error would re-parse that URL into kombu's own Sentinel transport (this module's would be
+    gone) and fail on a `?master_name=` in it ("unexpected keyword argument").
+    """
+
+    def __init__(self, alternates: Any) -> None:
+        self.alternates = alternates
+
+    def __iter__(self) -> StayOnTheSentinels:
+        return self
+
+    def __next__(self) -> None:
+        return None  # kombu skips a first entry at the start
+
+    def __bool__(self) -> bool:
+        return False  # kombu's Connection.maybe_switch_next: nothing to switch to
+
+
+class SentinelTransport(Transport):
+    """The transport above, through Redis Sentinel."""
+
+    Channel = SentinelChannel
+    default_port = 26379  # type: ignore[assignment]  # kombu types it None

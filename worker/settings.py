@@ -32,6 +32,8 @@ class Settings:
     task_time_limit: int
     log_format: str
     group_commit: bool = True
+    #: The Redis master's name that a sentinel:// broker asks its sentinels for.
+    broker_master_name: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -102,9 +104,13 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     if log_format not in ("text", "json"):
         raise ConfigurationError(f"LOG_FORMAT must be text or json, got {log_format!r}")
     visibility_timeout = _integer(environ, "CELERY_VISIBILITY_TIMEOUT", 3600, minimum=2)
+    master_name = sentinel_master(
+        broker_url, environ.get("CELERY_BROKER_MASTER_NAME", "").strip() or None
+    )
     return Settings(
         database_url=normalize_database_url(database_url),
         broker_url=broker_url,
+        broker_master_name=master_name,
         result_backend=result_backend or None,
         visibility_timeout=visibility_timeout,
         sql_echo=_flag(environ, "SQL_ECHO"),
@@ -117,10 +123,38 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     )
 
 
+def sentinel_master(broker_url: str, setting: str | None) -> str | None:
+    """The Redis master's name that a sentinel:// broker URL needs, if it is one.
+
+    From CELERY_BROKER_MASTER_NAME or, failing that, `?master_name=` on any of the URL's
+    sentinels (`sentinel://h1:26379;sentinel://h2:26379?master_name=mymaster`).
+    """
+    if not broker_url.startswith("sentinel://"):
+        return setting
+    named = [
+        pair.partition("=")[2]
+        for url in broker_url.split(";")
+        for pair in urlsplit(url).query.split("&")
+        if pair.startswith("master_name=")
+    ]
+    name = setting or next((name for name in named if name), None)
+    if not name:
+        raise ConfigurationError(
+            "a sentinel:// CELERY_BROKER_URL needs the Redis master's name: set "
+            "CELERY_BROKER_MASTER_NAME, or add ?master_name=<name> to the URL"
+        )
+    return name
+
+
 def mask_url(url: str | None) -> str:
-    """Return the URL with any password replaced by ***, safe for logs and banners."""
+    """Return the URL with any password replaced by ***, safe for logs and banners.
+
+    Several URLs separated by `;` (Sentinel's, kombu's failover list) are each masked.
+    """
     if not url:
         return ""
+    if ";" in url:
+        return ";".join(mask_url(part) or part for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
