@@ -6,5 +6,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
 fi
-# Cheap when nothing changed; picks up new dependencies when pyproject.toml did.
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[$EXTRAS]"
+# Cheap when nothing changed; picks up new dependencies when pyproject.toml did. The versions are
+# requirements.lock's: the ones the tests passed on (regenerate it as its header says).
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -c "$ROOT/requirements.lock" \
+    -e "$ROOT[$EXTRAS]"
