@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,6 +138,12 @@ def held_by(client: Any, pid: int) -> int:
 def duplicates(*logs: str) -> int:
     """Task runs that found their message already written (a redelivered copy)."""
     return sum(log.count("outcome=duplicate") for log in logs)
+
+
+def restored_messages(*logs: str) -> int:
+    """Messages that workers restored from consumers they found silent (worker/broker.py logs
+    `restored N message(s) of consumer ...`)."""
+    return sum(int(n) for log in logs for n in re.findall(r"restored (\d+) message\(s\)", log))
 
 
 def kill9(pid: int) -> None:

@@ -23,7 +23,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from tests.conftest import ROOT, run_cli, run_python, service_env, wait_for
+from tests.conftest import ROOT, count_rows, run_cli, run_python, service_env, wait_for
 from tests.faults import free_port
 
 QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
@@ -497,6 +497,50 @@ def test_rediss_brokers_get_this_transport_over_verified_tls(
 
     assert '"outcome": "created"' in sent.stdout, sent.stderr
     assert heartbeats == 1, "the worker must consume with worker/broker.py's transport"
+    client.close()
+
+
+def test_a_worker_that_does_not_trust_the_rediss_brokers_certificate_never_consumes(
+    db, database_url, tls_redis, start_worker
+):
+    port, ca = tls_redis
+    query = f"ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    env = service_env(
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=f"rediss://127.0.0.1:{port}/0",
+        CELERY_RESULT_BACKEND=f"rediss://127.0.0.1:{port}/1?{query}",
+    )
+    # The bare URL is checked against the system's CAs only, which do not hold the test's CA.
+    untrusted = {k: v for k, v in env.items() if k != "SSL_CERT_FILE"}
+    # A message waiting: a worker that connected without checking the certificate would take it.
+    sent = run_cli("send", "--topic", "Untrusted TLS", env={**env, "SSL_CERT_FILE": str(ca)})
+    assert sent.returncode == 0, sent.stderr
+    worker = start_worker(concurrency=1, base_env=untrusted, wait_ready=False)
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca))
+
+    # Refused twice: the worker tried again after the first refusal and was refused again.
+    wait_for(
+        lambda: (
+            worker.log().count("CERTIFICATE_VERIFY_FAILED") >= 2
+            or " ready." in worker.log()
+            or not worker.alive()
+        ),
+        60,
+        "the worker to be refused twice",
+    )
+    log = worker.log()
+    heartbeats, held, waiting = (
+        client.zcard("unacked_heartbeats"),
+        client.hlen("unacked"),
+        client.llen("celery"),
+    )
+
+    assert "certificate verify failed" in log, log[-3000:]
+    assert "Cannot connect to worker.broker:Transport://" in log, log[-3000:]
+    assert " ready." not in log, log[-3000:]
+    assert worker.alive(), "the worker waits for a broker it can trust, it does not exit"
+    assert (heartbeats, held, waiting) == (0, 0, 1), "the worker must not consume"
+    assert count_rows(db) == 0
     client.close()
 
 

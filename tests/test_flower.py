@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,6 +20,15 @@ from tests.faults import free_port
 
 USER, PASSWORD = "ops", "flower-pw"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+# The metrics docs/operating.md tells Prometheus to scrape (the histogram by its _count).
+DOCUMENTED = {
+    "flower_events_total",
+    "flower_task_runtime_seconds_count",
+    "flower_worker_online",
+    "flower_worker_number_of_currently_executing_tasks",
+}
 
 
 class Flower:
@@ -110,8 +121,19 @@ def test_flower_api_lists_the_worker_and_its_successes_and_failures(producer, st
     assert flower.get("/api/tasks", auth=False)[0] == 401
 
 
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus text exposition: name, labels and value of each."""
+    found = []
+    for line in text.splitlines():
+        if match := SAMPLE.match(line):
+            name, labels, value = match.groups()
+            found.append((name, dict(LABEL.findall(labels or "")), float(value)))
+    return found
+
+
 def test_flower_metrics_count_the_task_events(producer, start_worker, flower):
-    start_worker()
+    worker = start_worker()
+    node = worker.node.replace("%h", socket.gethostname())
     send_mixed(producer)
 
     def counts() -> dict:
@@ -125,7 +147,35 @@ def test_flower_metrics_count_the_task_events(producer, start_worker, flower):
 
     found = wait_for(counts, 60, "metrics for 3 successes and 2 failures")
 
+    # A labelled metric shows only its HELP and TYPE lines until it has a sample: look for the
+    # worker's samples. Its two gauges come from its heartbeats (every 2 s), which can follow
+    # the task events by a beat.
+    def documented() -> list[tuple[str, dict[str, str], float]]:
+        status, body = flower.get("/metrics")
+        scraped = samples(body) if status == 200 else []
+        names = {name for name, labels, _ in scraped if labels.get("worker") == node}
+        return scraped if names >= DOCUMENTED else []
+
+    scraped = wait_for(documented, 30, f"the documented metrics for {node}")
+    events = [labels for name, labels, _ in scraped if name == "flower_events_total"]
+    runtimes = [
+        value
+        for name, labels, value in scraped
+        if name == "flower_task_runtime_seconds_count"
+        and labels == {"task": "writing_sessions.save", "worker": node}
+    ]
+    executing = [
+        labels
+        for name, labels, _ in scraped
+        if name == "flower_worker_number_of_currently_executing_tasks"
+    ]
+
     assert found["task-received"] == 5
+    assert {frozenset(labels) for labels in events} == {frozenset({"task", "type", "worker"})}
+    assert {labels["worker"] for labels in events} == {node}
+    assert runtimes == [found["task-succeeded"]], "one runtime per success"
+    assert ("flower_worker_online", {"worker": node}, 1.0) in scraped
+    assert executing == [{"worker": node}]
 
 
 def test_flower_tasks_page_in_a_real_browser_shows_our_task(producer, start_worker, flower):

@@ -27,7 +27,7 @@ PASSWORDS = (DB_PASSWORD, BROKER_PASSWORD, RESULTS_PASSWORD, FLOWER_PASSWORD, RA
 
 
 def celery(env: dict[str, str], cwd: Path, node: str, *command: str) -> str:
-    """What `celery -A worker <command>` prints (an inspect asks only `node`)."""
+    """What `celery -A worker <command>` prints (an inspect asks only `node`); it must succeed."""
     destination = ["-d", node] if command[0] == "inspect" else []
     run = subprocess.run(
         [CELERY, "-A", "worker", *command, *destination],
@@ -37,6 +37,9 @@ def celery(env: dict[str, str], cwd: Path, node: str, *command: str) -> str:
         text=True,
         timeout=60,
     )
+    # A command that fails early (no reply, a bad configuration) prints little or nothing, and
+    # an output without the password proves nothing then.
+    assert run.returncode == 0, f"celery {' '.join(command)}: {run.stderr}"
     return run.stdout + run.stderr
 
 
@@ -150,15 +153,21 @@ def test_no_password_leaks_through_worker_cli_flower_results_or_tables(
         def cli(name: str, *args: str) -> str:
             result = run_cli(*args, env=env, cwd=tmp_path)
             outputs[f"writing-sessions {name}"] = result.stdout + result.stderr
+            # Only the output of a command that did its work shows it leaks nothing.
+            assert result.returncode == 0, f"writing-sessions {name}: {result.stderr}"
             return result.stdout
 
         cli("migrate", "migrate")
         cli("health", "health", "--workers")
         sent = run_cli("send", "--id", good["id"], "--topic", "Secrets", "--wait", env=env)
         outputs["writing-sessions send --wait"] = sent.stdout + sent.stderr
+        assert sent.returncode == 0, sent.stderr
         assert '"outcome": "created"' in sent.stdout, sent.stderr
         bad = run_cli("send", "--topic", " ", env=env)
         outputs["writing-sessions send (bad)"] = bad.stdout + bad.stderr
+        # It must fail at validation, with the configuration loaded, not on something earlier.
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert bad.stderr.strip() == "Error: topic: must not be empty or only whitespace"
         app_send = subprocess.run(
             [
                 str(Path(CELERY).parent / "python"),
@@ -174,6 +183,7 @@ def test_no_password_leaks_through_worker_cli_flower_results_or_tables(
             timeout=60,
         )
         outputs["producer of a bad message"] = app_send.stdout + app_send.stderr + "(ran)"
+        assert app_send.returncode == 0, app_send.stderr
         cli("delete", "delete", good["id"], "--revision", "1", "--wait")
         cli("list", "list")
         cli("list --json", "list", "--json")
@@ -216,8 +226,9 @@ def test_no_password_leaks_through_worker_cli_flower_results_or_tables(
     finally:
         flower_process.terminate()
         flower_process.wait(30)
-        worker.stop()
+        stopped = worker.stop()
     outputs["worker log (DEBUG)"] = worker.log()
+    assert stopped == 0, outputs["worker log (DEBUG)"][-3000:]
     outputs["Flower log"] = flower_log.read_text(errors="replace")
     outputs["Redis keys and values (results, unacked, bindings)"] = redis_contents(results_url)
     outputs["dead_letter and writing_session rows"] = table_contents(db)
@@ -253,9 +264,10 @@ def test_no_password_leaks_with_a_rabbitmq_broker(
         outputs[f"celery {' '.join(command)}"] = celery(env, tmp_path, node, *command)
     health = run_cli("health", "--workers", env=env, cwd=tmp_path)
     outputs["writing-sessions health --workers"] = health.stdout + health.stderr
-    worker.stop()
+    stopped = worker.stop()
     outputs["worker log (DEBUG)"] = worker.log()
 
     assert_no_password(outputs)
-    assert health.returncode == 0, health.stdout
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert stopped == 0, outputs["worker log (DEBUG)"][-3000:]
     assert "amqp://" in outputs["celery inspect stats"] or "py-amqp" in outputs["celery report"]

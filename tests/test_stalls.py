@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from kombu import Connection
 
 from tests.conftest import ROOT, count_rows, new_session, wait_for
-from tests.faults import duplicates, held_by, kill9, report
+from tests.faults import duplicates, held_by, kill9, report, restored_messages
 from tests.test_broker import hold_and_die, publish
 from tests.test_full_redis import on_private_broker
 from tests.test_malformed import EMBED, envelope
@@ -73,9 +73,9 @@ def test_a_redis_stall_longer_than_the_heartbeat_timeout_restores_no_live_worker
         sent=len(sessions),
         held_at_stall=sum(held),
         lost=len(sessions) - count_rows(db),
-        restored=0,
+        restored=restored_messages(one.log(), two.log()),
         drained_after_seconds=round(time.monotonic() - woke, 1),
-        duplicates=0,
+        duplicates=duplicates(one.log(), two.log()),
     )
     client.close()
 
@@ -116,9 +116,9 @@ def test_a_warm_shutdown_longer_than_the_heartbeat_timeout_keeps_its_messages(
         sent=len(sessions),
         held_at_shutdown=held,
         still_beating_after_seconds=round(beating_for, 1),
-        restored=0,
-        lost=0,
-        duplicates=0,
+        restored=restored_messages(stopping.log(), survivor.log()),
+        lost=len(sessions) - count_rows(db),
+        duplicates=duplicates(stopping.log(), survivor.log()),
     )
     client.close()
 

@@ -71,7 +71,7 @@ def test_sigterm_to_the_process_group_of_a_loaded_worker_is_a_warm_shutdown(
         rows_at_stop=at_stop,
         exited_after_seconds=round(took, 1),
         lost=len(payloads) - count_rows(db),
-        duplicates=0,
+        duplicates=duplicates(first.log(), second.log()),
     )
 
 
