@@ -7,7 +7,7 @@ an underscore, which Celery leaves out.
 
 import ssl as _ssl
 
-from worker.broker import StayOnTheSentinels as _StayOnTheSentinels
+from worker.celery_ext.broker import StayOnTheSentinels as _StayOnTheSentinels
 from worker.settings import settings as _settings
 
 broker_url = _settings.broker_url
@@ -30,7 +30,7 @@ task_reject_on_worker_lost = True
 # Messages waiting in a worker are what group commit writes together
 # (worker/celery_ext/group_commit.py): 64 per process lets each child take groups of up to 64
 # while the next ones arrive. A dead
-# worker's held messages come back by heartbeat within seconds (worker/broker.py), and the
+# worker's held messages come back by heartbeat within seconds (celery_ext/broker.py), and the
 # transport holds about 8 MB of large messages at most, whatever the count.
 worker_prefetch_multiplier = 64
 # With late acks a lost broker connection redelivers running tasks (by heartbeat). Let them
@@ -46,7 +46,7 @@ task_time_limit = min(_settings.task_time_limit, max(1, _settings.visibility_tim
 task_soft_time_limit = max(1, task_time_limit - max(1, task_time_limit // 10))
 
 # Redis: a dead worker's messages come back by heartbeat within consumer_heartbeat_timeout
-# seconds (worker/broker.py). The visibility timeout is the backstop for a live worker whose
+# seconds (celery_ext/broker.py). The visibility timeout is the backstop for a live worker whose
 # task overruns (and for workers on kombu's stock transport); kombu sweeps for it only every
 # unacked_restore_interval x unacked_restore_throttle seconds, so sweep every interval.
 _redis_transport_options: dict[str, object] = {
@@ -63,12 +63,12 @@ if _settings.broker_master_name:
 # let SQLite writers wait for each other instead of failing with "database is locked".
 _sqlite_transport_options = {"connect_args": {"timeout": 30}}
 # kombu's Redis transport, receiving in atomic batches, acknowledging in batches and recovering
-# a dead worker's messages by heartbeat (worker/broker.py), for redis://, rediss:// and Redis
+# a dead worker's messages by heartbeat (celery_ext/broker.py), for redis://, rediss:// and Redis
 # through Sentinel (sentinel://) alike.
 broker_transport = (
-    "worker.broker:Transport"
+    "worker.celery_ext.broker:Transport"
     if _settings.broker_url.startswith(("redis://", "rediss://"))
-    else "worker.broker:SentinelTransport"
+    else "worker.celery_ext.broker:SentinelTransport"
     if _settings.broker_url.startswith("sentinel://")
     else None
 )
@@ -113,8 +113,8 @@ task_publish_retry_policy = {
 worker_send_task_events = True
 task_send_sent_event = True
 # Celery's consumer, but task events go out in batches every 50 ms instead of about one
-# publish per event (worker/consumer.py).
-worker_consumer = "worker.consumer:Consumer"
+# publish per event (worker/celery_ext/consumer.py).
+worker_consumer = "worker.celery_ext.consumer:Consumer"
 
 # Results are for producers that wait on them; keep them a day, not forever.
 result_expires = 24 * 3600

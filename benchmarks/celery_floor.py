@@ -18,7 +18,7 @@ the pool one job per group, acknowledging every message of it when the job retur
 and no results, like celery-batches. It measures what receiving costs once the per-message work
 is paid per group.
 --profile samples the main process with py-spy and adds the share of its samples spent in the
-Redis transport (kombu's or worker/broker.py, and redis-py).
+Redis transport (kombu's or worker/celery_ext/broker.py, and redis-py).
 """
 
 from __future__ import annotations
@@ -156,14 +156,14 @@ def _measure(sender: Any = None, **_: Any) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-BROKER_CODE = ("redis/", "kombu/transport/", "worker/broker.py")
+BROKER_CODE = ("redis/", "kombu/transport/", "worker/celery_ext/broker.py")
 
 
 def broker_share(raw_profile: Path) -> dict[str, float]:
     """Share of py-spy's samples of the main process spent in the Redis transport.
 
     A sample counts as the broker's when the innermost frame outside the standard library (a
-    socket read is the caller's) is redis-py, a kombu transport or worker/broker.py: Celery's
+    socket read is the caller's) is redis-py, a kombu transport or celery_ext/broker.py: Celery's
     handling of a message, which runs inside the transport's delivery callback, is not.
     """
     samples: Counter[str] = Counter()

@@ -129,7 +129,7 @@ def ctl(*args: str) -> None:
 
 
 def held_by(client: Any, pid: int) -> int:
-    """Messages recorded as unacknowledged by the worker (main process) `pid` (worker/broker.py
+    """Messages recorded as unacknowledged by the worker (main process) `pid` (celery_ext/broker.py
     tags them `<host>:<pid>:<channel>.<n>`)."""
     pattern = f"{socket.gethostname()}:{pid}:*"
     return sum(1 for _ in client.hscan_iter("unacked", match=pattern, count=1000))
@@ -141,7 +141,7 @@ def duplicates(*logs: str) -> int:
 
 
 def restored_messages(*logs: str) -> int:
-    """Messages that workers restored from consumers they found silent (worker/broker.py logs
+    """Messages that workers restored from consumers they found silent (celery_ext/broker.py logs
     `restored N message(s) of consumer ...`)."""
     return sum(int(n) for log in logs for n in re.findall(r"restored (\d+) message\(s\)", log))
 

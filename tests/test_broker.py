@@ -1,4 +1,4 @@
-"""The Redis transport (worker/broker.py): atomic batch fetch, batched acks, heartbeat recovery.
+"""The Redis transport (celery_ext/broker.py): atomic batch fetch, batched acks, heartbeat recovery.
 
 Each test talks to a private redis-server of its own, so that the command counts it reads from
 `INFO commandstats` are its own.
@@ -29,8 +29,11 @@ from tests.faults import free_port
 QUEUE = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
 
 
+OURS = "worker.celery_ext.broker:Transport"
+
+
 def ours(url: str, **options: Any) -> Connection:
-    return Connection(url, transport="worker.broker:Transport", transport_options=options)
+    return Connection(url, transport=OURS, transport_options=options)
 
 
 def stock(url: str, **options: Any) -> Connection:
@@ -117,7 +120,7 @@ def test_one_script_call_takes_a_batch_and_records_every_message_of_it(private_r
 
 
 def test_a_consumer_holds_about_held_bytes_of_large_messages_at_most(private_redis, monkeypatch):
-    monkeypatch.setattr("worker.broker.HELD_BYTES", 4000)
+    monkeypatch.setattr("worker.celery_ext.broker.HELD_BYTES", 4000)
     client = redis.Redis.from_url(private_redis.url)
     with stock(private_redis.url) as connection:
         producer = Producer(connection)
@@ -321,7 +324,7 @@ def hold_and_die(url: str, transport: str, count: int) -> None:
 
 def test_a_dead_consumers_messages_come_back_by_heartbeat(private_redis):
     bodies = publish(private_redis.url, 5)
-    hold_and_die(private_redis.url, "worker.broker:Transport", 5)
+    hold_and_die(private_redis.url, "worker.celery_ext.broker:Transport", 5)
     client = redis.Redis.from_url(private_redis.url)
     received = Received()
     held_at_death = client.hlen("unacked")
@@ -347,7 +350,7 @@ def test_a_dead_consumers_messages_come_back_by_heartbeat(private_redis):
 
 @pytest.mark.parametrize(
     ("dies", "restores"),
-    [("worker.broker:Transport", "redis"), ("redis", "worker.broker:Transport")],
+    [(OURS, "redis"), ("redis", OURS)],
     ids=["stock restores ours", "ours restores stock"],
 )
 def test_a_mixed_fleet_restores_each_others_messages_after_the_visibility_timeout(
@@ -496,7 +499,7 @@ def test_rediss_brokers_get_this_transport_over_verified_tls(
     heartbeats = client.zcard("unacked_heartbeats")
 
     assert '"outcome": "created"' in sent.stdout, sent.stderr
-    assert heartbeats == 1, "the worker must consume with worker/broker.py's transport"
+    assert heartbeats == 1, "the worker must consume with worker/celery_ext/broker.py's transport"
     client.close()
 
 
@@ -536,7 +539,7 @@ def test_a_worker_that_does_not_trust_the_rediss_brokers_certificate_never_consu
     )
 
     assert "certificate verify failed" in log, log[-3000:]
-    assert "Cannot connect to worker.broker:Transport://" in log, log[-3000:]
+    assert "Cannot connect to worker.celery_ext.broker:Transport://" in log, log[-3000:]
     assert " ready." not in log, log[-3000:]
     assert worker.alive(), "the worker waits for a broker it can trust, it does not exit"
     assert (heartbeats, held, waiting) == (0, 0, 1), "the worker must not consume"
@@ -564,6 +567,6 @@ def test_a_bare_rediss_result_backend_is_the_projects_and_checks_the_certificate
         timeout=60,
     )
 
-    assert trusted.stdout.split() == ["worker.results", "True"]
+    assert trusted.stdout.split() == ["worker.celery_ext.results", "True"]
     assert untrusted.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr

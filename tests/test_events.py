@@ -1,4 +1,5 @@
-"""Task events: every one reaches Flower's channel, published in batches (worker/consumer.py)."""
+"""Task events: every one reaches Flower's channel, published in batches
+(worker/celery_ext/consumer.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_every_task_event_arrives_in_batches(events, db, producer, start_worker)
         assert seen[result.id] == {"task-received", "task-started", "task-succeeded"}
     total = sum(len(batch) for batch in batches)
     assert total == 90
-    # Batched: about one publish per event before worker/consumer.py.
+    # Batched: about one publish per event before worker/celery_ext/consumer.py.
     assert len(batches) <= total // 4, [len(batch) for batch in batches]
 
 
@@ -68,7 +69,7 @@ def test_the_last_events_are_published_on_warm_shutdown(
     # A flush interval far longer than a warm shutdown takes: the task-succeeded event is still
     # in the buffer when the worker stops, and only the consumer's shutdown can publish it.
     (tmp_path / "slow_event_flush.py").write_text(
-        "import worker.consumer\nworker.consumer.EVENT_FLUSH_SECONDS = 30.0\n"
+        "import worker.celery_ext.consumer\nworker.celery_ext.consumer.EVENT_FLUSH_SECONDS = 30.0\n"
     )
     worker = start_worker(concurrency=1, args=("-I", "slow_event_flush"), cwd=tmp_path)
     result = send_save(producer, new_session())

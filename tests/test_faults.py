@@ -2,7 +2,7 @@
 
 Every test here ends with each message sent either in writing_session or in dead_letter,
 exactly once per id: nothing lost, at the production visibility timeout (an hour), so that a
-dead worker's messages can only come back by heartbeat (worker/broker.py). Each fault checks
+dead worker's messages can only come back by heartbeat (celery_ext/broker.py). Each fault checks
 that it hit work in flight and counts the duplicates it caused (a redelivered message that was
 already written ends `duplicate`). Figures go to test-artifacts/faults.jsonl for the README's
 Guarantees.
@@ -44,7 +44,7 @@ from tests.faults import (
     report,
     wait_gone,
 )
-from worker.broker import Channel
+from worker.celery_ext.broker import Channel
 
 pytestmark = pytest.mark.faults
 
@@ -646,7 +646,7 @@ def test_a_fleet_mid_upgrade_restores_both_kinds_of_workers_messages(
     wait_for(lambda: count_rows(db) >= 2000, 120, "2,000 rows before the second kill")
     # What this tests: messages either kind of worker recorded as unacknowledged come back
     # through the other kind. kombu's stock transport can also lose the message of a BRPOP in
-    # flight when its worker dies (kombu's loss; worker/broker.py closes that window), which
+    # flight when its worker dies (kombu's loss; celery_ext/broker.py closes that window), which
     # nothing can restore: cancel its consumer first, with its children stopped so that what
     # it holds stays held, then kill it.
     stock_children = {

@@ -1,11 +1,12 @@
 """The Celery and kombu internals this project overrides are still the ones it was written for.
 
-worker/broker.py, worker/consumer.py and worker/results.py subclass kombu and Celery classes and
-replace some of their methods; worker/celery_ext/group_commit.py is a task Strategy that does
+worker/celery_ext/ (docs/internals.md): broker.py, consumer.py and results.py subclass kombu and
+Celery classes and replace some of their methods; group_commit.py is a task Strategy that does
 what Celery's default one does, builds and settles Celery's Requests itself, and subclasses
-Request to settle hard time limits. pyproject.toml pins the
-versions they were written for; when the pins move, these tests say which overridden method
-changed, so that its override is read again against the new code before anything ships.
+Request to settle hard time limits; stop.py relies on billiard's child signal handling.
+pyproject.toml and requirements.lock pin the versions they were written for; when the pins move,
+these tests say which overridden method, used name or private attribute changed, so that its
+override is read again against the new code before anything ships.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""worker/results.py: Celery's Redis result backend, storing a result in one script call."""
+"""celery_ext/results.py: Celery's Redis result backend, storing a result in one script call."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_redis_result_backend_keeps_a_success_and_publishes_each_store(redis_url
     task_id = str(uuid.uuid4())
     code = f"""
 from worker.app import app
-from worker.results import RedisBackend
+from worker.celery_ext.results import RedisBackend
 backend = app.backend
 assert type(backend) is RedisBackend, type(backend)
 backend.store_result({task_id!r}, None, "STARTED")

@@ -1,5 +1,5 @@
 """Redis through Sentinel (`sentinel://…;sentinel://…`): the project's transport with every
-guarantee, through a failover under load (worker/broker.py SentinelTransport).
+guarantee, through a failover under load (worker/celery_ext/broker.py SentinelTransport).
 
 One master, one replica and three sentinels (redis-server --sentinel), all of the test's own.
 """

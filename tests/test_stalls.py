@@ -1,5 +1,6 @@
-"""Heartbeat recovery's edges (worker/broker.py): a stalled Redis, a long warm shutdown, a restorer
-killed mid-restore. Live workers keep their messages; a dead one's come back all the same.
+"""Heartbeat recovery's edges (worker/celery_ext/broker.py): a stalled Redis, a long warm
+shutdown, a restorer killed mid-restore. Live workers keep their messages; a dead one's come back
+all the same.
 
 Each test has a private redis-server: they stall it, and count what it holds.
 """
@@ -19,10 +20,10 @@ from kombu import Connection
 
 from tests.conftest import ROOT, count_rows, new_session, wait_for
 from tests.faults import duplicates, held_by, kill9, report, restored_messages
-from tests.test_broker import hold_and_die, publish
+from tests.test_broker import OURS, hold_and_die, publish
 from tests.test_full_redis import on_private_broker
 from tests.test_malformed import EMBED, envelope
-from worker import broker
+from worker.celery_ext import broker
 
 
 def queue_saves(url: str, count: int) -> list[dict]:
@@ -140,7 +141,7 @@ def waiting_on_a_lock(engine: sa.Engine) -> int:
 RESTORER = """
 import sys, time
 from kombu import Connection, Consumer, Queue
-from worker import broker
+from worker.celery_ext import broker
 
 if sys.argv[2] == "slow":
     broker.RESTORE_BATCH = 100
@@ -150,7 +151,7 @@ if sys.argv[2] == "slow":
             time.sleep(0.3)
         return restore(self, client, name, source, args)
     broker.Channel._evalsha = slowly
-with Connection(sys.argv[1], transport="worker.broker:Transport") as connection:
+with Connection(sys.argv[1], transport="worker.celery_ext.broker:Transport") as connection:
     with Consumer(connection, [Queue("elsewhere")], callbacks=[], accept=["json"]):
         print("consuming", flush=True)
         while True:
@@ -175,7 +176,7 @@ def test_a_restorer_killed_mid_restore_delays_the_rest_by_the_heartbeat_timeout_
 ):
     count = 3000
     publish(private_redis.url, count)
-    hold_and_die(private_redis.url, "worker.broker:Transport", count)
+    hold_and_die(private_redis.url, "worker.celery_ext.broker:Transport", count)
     client = redis.Redis.from_url(private_redis.url)
     assert client.hlen("unacked") == count
 
@@ -210,13 +211,13 @@ def test_a_consumer_that_beats_again_mid_restore_keeps_the_rest(private_redis, m
     """The restore script re-checks its consumer: one that beat since it was found silent (a
     stall, a slow loop) keeps what was not restored yet."""
     publish(private_redis.url, 600)
-    hold_and_die(private_redis.url, "worker.broker:Transport", 600)
+    hold_and_die(private_redis.url, "worker.celery_ext.broker:Transport", 600)
     client = redis.Redis.from_url(private_redis.url)
     (silent,) = client.zrange("unacked_heartbeats", 0, -1)
     client.zadd("unacked_heartbeats", {silent: 0})  # long silent
     monkeypatch.setattr(broker, "RESTORE_BATCH", 200)
 
-    with Connection(private_redis.url, transport="worker.broker:Transport") as connection:
+    with Connection(private_redis.url, transport=OURS) as connection:
         channel = connection.default_channel
         restore = channel._evalsha
 

@@ -11,15 +11,15 @@ app.config_from_object("celeryconfig")
 # SIGTERM to the whole process group a warm shutdown. Workers import them; producers never do.
 app.conf.imports = ("worker.db", "worker.migrate", "worker.logs", "worker.celery_ext.stop")
 app.conf.include = ("tasks.writing_sessions",)
-# Not a Celery setting but worker/consumer.py's: a message that cannot be turned into a task
+# Not a Celery setting but celery_ext/consumer.py's: a message that cannot be turned into a task
 # request (a body that is not [args, kwargs, embed], an unknown task name, undecodable content)
 # is kept as a dead letter and acknowledged, instead of being dropped or stopping the worker.
 app.conf.malformed_message_handler = "worker.dead_letters:keep_malformed"
 # redis:// and rediss:// result backends get Celery's Redis backend storing each result in one
-# round trip (worker/results.py). Set on the loader, which picks backend classes by URL scheme.
+# round trip (celery_ext/results.py). Set on the loader, which picks backend classes by URL scheme.
 app.loader.override_backends = {
-    "redis": "worker.results:RedisBackend",
-    "rediss": "worker.results:RedisBackend",
+    "redis": "worker.celery_ext.results:RedisBackend",
+    "rediss": "worker.celery_ext.results:RedisBackend",
 }
 
 if any(

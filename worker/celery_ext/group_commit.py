@@ -28,10 +28,11 @@ A group member's fate is its own; the group is an optimisation of settling each 
   embedded broker) or the task says `group_messages = False` (group commit switched off).
 
 Whatever a message contains, the Strategy either builds a Request or raises InvalidTaskError,
-which the consumer turns into a malformed-message record (worker/consumer.py): a body that is not
-`[args, kwargs, embed]`, args that are not a list, kwargs or embed that are not mappings, header
-values Celery cannot use. Stock Celery 5.7's default Strategy raises ValueError or TypeError on
-these, which its consumer does not catch: "Unrecoverable error", and the worker stops.
+which the consumer turns into a malformed-message record (consumer.py beside it): a body that is
+not `[args, kwargs, embed]`, args that are not a list, kwargs or embed that are not mappings,
+header values Celery cannot use. Stock Celery 5.7's default Strategy raises ValueError or
+TypeError on these, which its consumer does not catch: "Unrecoverable error", and the worker
+stops.
 
 Celery-batches (PyPI 0.11) has the buffering shape but acknowledges failed batches, sends no
 per-message events, results or signals, and leaves a killed child's messages unacknowledged.
@@ -60,7 +61,7 @@ from celery.worker.request import Request as CeleryRequest
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_ready, task_reserved
 
-from worker.results import store_results
+from worker.celery_ext.results import store_results
 
 logger = logging.getLogger(__name__)
 

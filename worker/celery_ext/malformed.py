@@ -2,7 +2,7 @@
 
 Celery logs such a message and drops it (an unknown format, an invalid task, a body it cannot
 decode), or stops the worker on it (a body that is not `[args, kwargs, embed]`). Here the
-consumer (worker/consumer.py) describes it as a MalformedMessage, the raw body kept byte for
+consumer (celery_ext/consumer.py) describes it as a MalformedMessage, the raw body kept byte for
 byte, and a pool child runs the handler named by the `malformed_message_handler` setting (a
 dotted path to `handler(record)`, which must keep the record: a dead letter, say); then the
 message is acknowledged, and its task, where it has an id, ends FAILURE. If the handler fails,

@@ -229,7 +229,7 @@ def _envelope(raw: bytes, tag: str, queue: str) -> Any:
     mapping, a body that is not base64 as it says) would raise inside kombu, and the stock
     transport would lose it or stop the worker. It becomes an envelope with the raw bytes as
     its body and content type UNREADABLE instead: Celery's consumer cannot decode it and hands
-    it to its decode-error handler (worker/consumer.py keeps it as a malformed message).
+    it to its decode-error handler (worker/celery_ext/consumer.py keeps it as a malformed message).
     """
     try:
         payload = json.loads(raw)
@@ -352,7 +352,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.global_keyprefix or not self.ack_emulation:
-            raise ValueError("worker.broker needs ack_emulation and no global_keyprefix")
+            raise ValueError("worker.celery_ext.broker needs ack_emulation and no global_keyprefix")
         self._settlements: deque[tuple[str, Any, bool]] = deque()
         self._recorded: dict[str, str] = {}
         self._sizes: dict[str, int] = {}

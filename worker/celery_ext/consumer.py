@@ -78,7 +78,7 @@ class Consumer(CeleryConsumer):
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
-        # worker/broker.py delivers what is not even an envelope with this header, saying why.
+        # celery_ext/broker.py delivers what is not even an envelope with this header, saying why.
         error = headers.get("x-unreadable-envelope") or f"cannot decode the message: {exc}"
         if not self._keep_malformed(message, error):
             super().on_decode_error(message, exc)
