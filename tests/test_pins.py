@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import re
 
 import pytest
 
@@ -139,6 +140,29 @@ OVERRIDDEN = [
         "(base, task, pool, hostname, eventer, ref, revoked_tasks, task_ready, trace, app)",
         "871f30fe1cfee4bf",
     ),
+    # Not overridden, but they decide whether a group member's message is acknowledged or
+    # requeued once group_commit settles it through them.
+    (
+        "celery.worker.request:Request.on_success",
+        "(self, failed__retval__runtime, **kwargs)",
+        "8d11e320facdb072",
+    ),
+    (
+        "celery.worker.request:Request.on_failure",
+        "(self, exc_info, send_failed_event=True, return_ok=False)",
+        "21736ec661cd60d7",
+    ),
+    ("celery.worker.request:Request.acknowledge", "(self)", "60dad9ce9c39f54c"),
+    ("celery.worker.request:Request.reject", "(self, requeue=False)", "08be2378bcc6c017"),
+    # StayOnTheSentinels (broker.py) relies on `if self.cycle:` here: a falsy cycle never
+    # switches hosts.
+    ("kombu.connection:Connection.maybe_switch_next", "(self)", "4224624771e9d4cf"),
+    # stop.py: a pool child's SIGTERM handler is billiard's Python-level one, installed after
+    # worker_process_init (which blocks SIGTERM) by after_fork, and handed the signals that come
+    # from the main process.
+    ("billiard.pool:Worker.after_fork", "(self)", "2210e993814bfebb"),
+    ("billiard.common:_shutdown_cleanup", "(signum, frame)", "5b2da17a84fa0320"),
+    ("celery.concurrency.prefork:process_initializer", "(app, hostname)", "15a8b226f8e00eee"),
 ]
 
 # Internals the overrides call or read: each must still exist with this signature.
@@ -148,7 +172,6 @@ USED = [
     ("kombu.transport.virtual.base:QoS._flush", "(self)"),
     ("kombu.transport.virtual.base:QoS.can_consume_max_estimate", "(self)"),
     ("kombu.transport.virtual.base:QoS.restore_unacked_once", "(self, stderr=None)"),
-    ("kombu.transport.redis:QoS.restore_by_tag", "(self, tag, client=None, leftmost=False)"),
     ("kombu.transport.redis:Channel._q_for_pri", "(self, queue, pri)"),
     ("kombu.transport.redis:Channel._get_message_priority", "(self, message, reverse=False)"),
     ("kombu.transport.redis:Channel._flush_brpop_reauth", "(self)"),
@@ -156,6 +179,8 @@ USED = [
     ("kombu.transport.redis:Transport._deliver", "(self, message, queue)"),
     ("kombu.transport.redis:MultiChannelPoller._register_BRPOP", "(self, channel)"),
     ("kombu.transport.redis:Mutex", "(client, name, expire)"),
+    ("kombu.transport.virtual.base:Channel._lookup", "(self, exchange, routing_key, default=None)"),
+    ("kombu.transport.redis:SentinelChannel._get_pool", "(self, asynchronous=False)"),
     ("celery.worker.consumer.consumer:Consumer._flush_events", "(self)"),
     (
         "celery.backends.redis:RedisBackend._get_result_meta",
@@ -164,13 +189,6 @@ USED = [
     ("celery.backends.redis:RedisBackend.ensure", "(self, fun, args, **policy)"),
     ("celery.backends.redis:RedisBackend.get_key_for_task", "(self, task_id, key='')"),
     ("celery.worker.request:Request.on_accepted", "(self, pid, time_accepted)"),
-    ("celery.worker.request:Request.on_success", "(self, failed__retval__runtime, **kwargs)"),
-    (
-        "celery.worker.request:Request.on_failure",
-        "(self, exc_info, send_failed_event=True, return_ok=False)",
-    ),
-    ("celery.worker.request:Request.reject", "(self, requeue=False)"),
-    ("celery.worker.request:Request.acknowledge", "(self)"),
     ("celery.worker.request:Request.send_event", "(self, type, **fields)"),
     ("celery.worker.request:Request.revoked", "(self)"),
     ("celery.worker.request:Request._payload", None),
@@ -212,7 +230,7 @@ def signature_of(obj: object, expected: str | None) -> str | None:
 def resolve(path: str) -> object:
     module_name, _, qualname = path.partition(":")
     found: object = importlib.import_module(module_name)
-    for part in qualname.split("."):
+    for part in qualname.split(".") if qualname else ():
         found = getattr(found, part, None)
         if found is None:
             pytest.fail(f"{path} is gone: a project override relies on it; read the override again")
@@ -232,7 +250,8 @@ def test_an_overridden_method_is_the_one_the_override_was_written_for(path, sign
     assert now == signature, f"{path} changed its signature from {signature} to {now}"
     assert changed == digest, (
         f"{path} changed upstream (source digest {changed}, was {digest}): read its override in "
-        "worker/ against the new code, then update this digest and the pins in pyproject.toml"
+        "worker/celery_ext/ (docs/internals.md) against the new code, then update this digest and "
+        "the pins in pyproject.toml and requirements.lock"
     )
 
 
@@ -241,3 +260,53 @@ def test_an_internal_the_overrides_call_still_has_its_signature(path, signature)
     now = signature_of(resolve(path), signature)
 
     assert now == signature, f"{path} changed its signature from {signature} to {now}"
+
+
+# Private attributes the extensions read or write: each must still be assigned where it was, by
+# the class (or module) that owns it. (owner, attribute, where the owner assigns it)
+ATTRIBUTES = [
+    ("kombu.transport.virtual.base:QoS", "_delivered", "kombu.transport.virtual.base:QoS"),
+    ("kombu.transport.redis:Channel", "_in_poll", "kombu.transport.redis:Channel"),
+    ("kombu.transport.redis:Channel", "_brpop_sent_at", "kombu.transport.redis:Channel"),
+    ("kombu.transport.redis:Channel", "_closing", "kombu.transport.redis:Channel"),
+    ("kombu.transport.redis:Channel", "_queue_cycle", "kombu.transport.redis:Channel"),
+    (
+        "kombu.transport.redis:MultiChannelPoller",
+        "_channels",
+        "kombu.transport.redis:MultiChannelPoller",
+    ),
+    ("kombu.transport.virtual.base:Message", "_raw", "kombu.transport.virtual.base:Message"),
+    (
+        "celery.worker.consumer.consumer:Consumer",
+        "_flush_events_promise",
+        "celery.worker.consumer.consumer:Consumer",
+    ),
+    ("celery.concurrency.prefork:TaskPool", "_pool", "celery.concurrency.prefork:TaskPool"),
+    ("billiard.pool:Pool", "_cache", "billiard.pool:Pool"),
+    ("billiard.pool:ApplyResult", "_accepted", "billiard.pool:ApplyResult"),
+    ("billiard.pool:ApplyResult", "_write_to", "celery.concurrency.asynpool"),
+    ("celery.worker.request:Request", "_apply_result", "celery.worker.request:Request"),
+    ("celery.backends.redis:RedisBackend", "_MAX_STR_VALUE_SIZE", "celery.backends.redis"),
+]
+
+
+@pytest.mark.parametrize(
+    ("owner", "attribute", "where"), ATTRIBUTES, ids=[a[1] for a in ATTRIBUTES]
+)
+def test_a_private_attribute_the_extensions_use_is_still_assigned_upstream(owner, attribute, where):
+    source = inspect.getsource(resolve(where))  # type: ignore[arg-type]
+
+    assert re.search(rf"\.{attribute}\s*=", source) or re.search(
+        rf"^\s*{attribute}\s*=", source, re.M
+    ), f"{where} no longer assigns {attribute}: read the extension that uses {owner}.{attribute}"
+
+
+def test_the_sentinel_channel_keeps_every_option_kombus_sentinel_channel_takes():
+    from kombu.transport.redis import SentinelChannel as KombuSentinelChannel
+
+    from worker.celery_ext.broker import SentinelChannel
+
+    missing = set(KombuSentinelChannel.from_transport_options) - set(
+        SentinelChannel.from_transport_options
+    )
+    assert not missing, f"transport options kombu's SentinelChannel takes and ours drops: {missing}"
