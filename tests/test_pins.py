@@ -31,6 +31,7 @@ OVERRIDDEN = [
         "(self, start=0, num=10, interval=10)",
         "d4a4a40a3eaf9f23",
     ),
+    ("kombu.transport.redis:Channel.__init__", "(self, *args, **kwargs)", "f189bdebe2436ccd"),
     ("kombu.transport.redis:Channel._size", "(self, queue)", "7cc839b42fdc5e3b"),
     (
         "kombu.transport.redis:Channel._queue_bind",
@@ -310,3 +311,23 @@ def test_the_sentinel_channel_keeps_every_option_kombus_sentinel_channel_takes()
         SentinelChannel.from_transport_options
     )
     assert not missing, f"transport options kombu's SentinelChannel takes and ours drops: {missing}"
+
+
+def test_every_upstream_method_the_extensions_override_is_pinned():
+    from worker.celery_ext import broker, consumer, group_commit, results
+
+    pinned = {id(resolve(path)) for path, *_ in OVERRIDDEN + USED}
+    unpinned = [
+        f"{cls.__module__}.{cls.__qualname__}.{name}"
+        for module in (broker, consumer, results, group_commit)
+        for cls in vars(module).values()
+        if inspect.isclass(cls) and cls.__module__ == module.__name__
+        for name, value in vars(cls).items()
+        if inspect.isfunction(value)
+        for base in [next((b for b in cls.__mro__[1:] if name in vars(b)), None)]
+        if base is not None
+        and not base.__module__.startswith(("worker.", "builtins"))
+        and id(vars(base)[name]) not in pinned
+    ]
+
+    assert not unpinned, f"overrides without a pin in OVERRIDDEN: {unpinned}"
