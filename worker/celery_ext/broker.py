@@ -181,8 +181,8 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent_since)
 # ARGV[3..] hold, per message, its tag, its payload, and how many lists it goes to followed by
 # their numbers among KEYS[6..]. The unacked hash entry (KEYS[4]) is the claim, as in REQUEUE:
 # a message someone else restored or acknowledged meanwhile is left alone. A message that goes to
-# no list (its record is gone, or unreadable) only leaves the tag set. Returns how many messages
-# it pushed back.
+# no list leaves the tag set; its index entry goes too if its record is gone, and stays with an
+# unreadable record, for the visibility-timeout sweep. Returns how many messages it pushed back.
 RESTORE = """
 local now = redis.call('TIME')
 local silent_since = tonumber(now[1]) + tonumber(now[2]) / 1000000 - tonumber(ARGV[2])
@@ -196,7 +196,9 @@ while i <= #ARGV do
         for n = 1, lists do redis.call('RPUSH', KEYS[5 + tonumber(ARGV[i + 2 + n])], payload) end
         restored = restored + 1
     end
-    redis.call('ZREM', KEYS[5], tag)
+    if lists > 0 or redis.call('HEXISTS', KEYS[4], tag) == 0 then
+        redis.call('ZREM', KEYS[5], tag)
+    end
     redis.call('SREM', KEYS[3], tag)
     i = i + 3 + lists
 end
