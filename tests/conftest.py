@@ -140,6 +140,18 @@ def worker_connections(
 _LOCKS = Path(tempfile.gettempdir()) / "writing-sessions-tests"
 
 
+# A test that starts worker processes or servers of its own takes seconds: it is `slow`, so that
+# `pytest -m "not slow"` runs the rest (in-process, quick and unit) in well under a minute.
+SLOW_FIXTURES = {"start_worker", "private_redis", "flower", "tls_redis", "sentinel_set", "rabbit"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("faults") or SLOW_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _one_test_at_a_time_around_a_server_restart(request: pytest.FixtureRequest) -> Iterator[None]:
     exclusive = request.node.get_closest_marker("exclusive") is not None

@@ -14,6 +14,9 @@ import redis
 
 from tests.conftest import ROOT, count_rows, run_cli
 
+# Each runs a benchmark, with worker processes of its own.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "args",

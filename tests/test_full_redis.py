@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis
 from redis.exceptions import OutOfMemoryError
 
 from tests.conftest import count_rows, new_session, service_env, wait_for
 from tests.faults import PrivateRedis
 from tests.test_malformed import EMBED, envelope
+
+pytestmark = pytest.mark.faults
 
 
 def fill_until_full(url: str) -> list[str]:

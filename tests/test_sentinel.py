@@ -19,6 +19,8 @@ from tests.faults import PrivateRedis, duplicates, free_port, kill9, report
 from tests.test_full_redis import in_sync
 from tests.test_malformed import EMBED, envelope
 
+pytestmark = pytest.mark.faults
+
 MASTER = "ws-master"
 
 

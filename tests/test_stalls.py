@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from kombu import Connection
@@ -24,6 +25,8 @@ from tests.test_broker import OURS, hold_and_die, publish
 from tests.test_full_redis import on_private_broker
 from tests.test_malformed import EMBED, envelope
 from worker.celery_ext import broker
+
+pytestmark = pytest.mark.faults
 
 
 def queue_saves(url: str, count: int) -> list[dict]:

@@ -18,6 +18,8 @@ from tests.faults import RabbitVhost, duplicates, report
 from tests.test_embedded import rows, send
 from tests.test_faults import client, fill
 
+pytestmark = pytest.mark.faults
+
 GRACE = 60  # docker compose's stop_grace_period for the worker (docker-compose.yml)
 
 
