@@ -33,30 +33,55 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import psycopg2
 from psycopg2.extras import execute_values
+from sqlalchemy import Table, literal
+from sqlalchemy.dialects import postgresql
 
 from worker.bench import content
-from worker.upsert import COLUMNS
+from worker.models import WritingSession
+from worker.upsert import COLUMNS, ColumnsOutOfStep, empty_values
 
 CLI = str(Path(sys.executable).parent / "writing-sessions")
-# The psycopg2 sides write the same rows as the worker, in plain SQL: the columns are the
-# model's, each with the value these sides give it (a new column must be given one here).
-VALUES = {
-    "id": "%s",
-    "topic": "%s",
-    "content": "%s",
-    "author_id": "%s",
-    "word_count": "%s",
-    "char_count": "%s",
-    "started_at": "now()",
-    "ended_at": "NULL",
-    "revision": "0",
-    "deleted_at": "NULL",
-    "created_at": "now()",
-    "updated_at": "now()",
-}
+# The psycopg2 sides write the rows the worker would, in plain SQL. The columns each row's tuple
+# gives (in _loop and _batched), in the model's order, as the statement lists them:
+GIVEN = ("id", "topic", "content", "author_id", "word_count", "char_count")
+# A save without started_at takes the time of the write, as the two stamps do.
+SET = {"started_at": "now()", "revision": "0", "created_at": "now()", "updated_at": "now()"}
+
+
+def values_of(table: Table) -> dict[str, str]:
+    """The SQL value of each column: GIVEN and SET, and for every other column what a row that
+    says nothing of it holds (NULL, else the model's default), so a new column needs no edit
+    here."""
+    names = [c.name for c in table.columns]
+    unknown = [name for name in (*GIVEN, *SET) if name not in names]
+    if unknown:
+        raise ColumnsOutOfStep(
+            f"benchmarks/run.py gives {', '.join(unknown)}, which {table.name} has no column"
+            " for: remove them from GIVEN (and from the tuples of _loop and _batched) or SET"
+        )
+    if [name for name in names if name in GIVEN] != list(GIVEN):
+        raise ColumnsOutOfStep(
+            "benchmarks/run.py: GIVEN (and the tuples of _loop and _batched) must follow the"
+            f" order of {table.name}'s columns in worker/models.py"
+        )
+    rest = [name for name in names if name not in GIVEN and name not in SET]
+    derived = empty_values(table, rest, instead="give it a value in SET in benchmarks/run.py")
+    values = dict.fromkeys(GIVEN, "%s") | SET
+    for name, value in derived.items():
+        values[name] = "NULL" if value is None else _sql_literal(table, name, value)
+    return values
+
+
+def _sql_literal(table: Table, name: str, value: object) -> str:
+    bound = literal(value, table.c[name].type)
+    return str(bound.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+VALUES = values_of(cast(Table, WritingSession.__table__))
 UPSERT = (
     f"INSERT INTO writing_session ({', '.join(COLUMNS)}) VALUES {{values}} "
     "ON CONFLICT (id) DO UPDATE SET "

@@ -62,6 +62,8 @@ def run_through_a_worker(
         ids.append(f"task-{n}")
         if n < len(malformed):
             client.lpush("celery", malformed[n])
+    for raw in malformed[len(mix) :]:  # more malformed messages than valid ones were drawn
+        client.lpush("celery", raw)
     # One process: messages run in the order sent on both paths. (With more, equal revisions of
     # one id with different contents race on either path alike: the first stored wins.)
     worker = start_worker(concurrency=1, extra_env={"WRITING_SESSIONS_GROUP_COMMIT": group_commit})

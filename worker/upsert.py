@@ -7,7 +7,8 @@ dialect; each returns the ids it wrote, whether each was inserted, and the revis
 
 The columns come from the model: a column of WritingSession takes the row field of the same
 name, except the two counts (computed from the content, `Row.counts`) and the two timestamps of
-the write. Adding a column is an edit of the model and of the schemas, and a migration.
+the write. A tombstone empties every column it does not declare, by the model (`Tombstone`), so
+adding a column is an edit of the model and of the schemas, and a migration (docs/code.md).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    model_serializer,
+)
 from sqlalchemy import (
     Boolean,
+    ColumnDefault,
     Integer,
     Table,
     Text,
@@ -50,20 +58,81 @@ _COUNTS = ("word_count", "char_count")
 ROW_FIELDS = [name for name in COLUMNS if name not in _STAMPED + _COUNTS]
 
 
+class ColumnsOutOfStep(Exception):
+    """Code that derives from the model cannot fill a column of it; the message says what to add
+    and where. Raised at import, so a worker never starts writing rows that miss a column."""
+
+
+def empty_values(table: Table, names: Iterable[str], instead: str) -> dict[str, Any]:
+    """What each named column holds when a row says nothing of it: NULL where the column allows
+    it, else the model's default (`content`: '').
+
+    `instead`: the other edit that would fill such a column, for the error a column that has
+    neither (NOT NULL, no scalar default) raises.
+    """
+    values: dict[str, Any] = {}
+    unfilled = []
+    for name in names:
+        col = table.c[name]
+        if col.nullable:
+            values[name] = None
+        elif isinstance(col.default, ColumnDefault) and col.default.is_scalar:
+            values[name] = col.default.arg
+        else:
+            unfilled.append(name)
+    if unfilled:
+        named = ", ".join(f"{table.name}.{name}" for name in unfilled)
+        raise ColumnsOutOfStep(
+            f"{named}: NOT NULL without a default, so nothing fills it where a row says nothing"
+            f" of it. Give it a default in worker/models.py (mapped_column(default=...)), or"
+            f" {instead}"
+        )
+    return values
+
+
 class Tombstone(BaseModel):
-    """The row a delete writes: the session emptied, its id and revision kept."""
+    """The row a delete writes: the session emptied, its id and revision kept.
+
+    Its fields are the columns a tombstone sets or keeps; every other row column is emptied by
+    `tombstone_values`, from the model, so a new column needs no field here unless a tombstone
+    must keep it or it is NOT NULL without a default.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     id: uuid.UUID
     revision: int
     deleted_at: datetime
-    topic: None = None
-    content: str = ""
-    author_id: None = None
+    # Kept, not emptied: None makes the statement keep the stored started_at (or take the time
+    # of the write), and the store groups rows by it.
     started_at: None = None
-    ended_at: None = None
     counts: tuple[int, int] = (0, 0)
+
+    @model_serializer(mode="wrap")
+    def _with_emptied_columns(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Both dialects read a row as pydantic dumps it (JSON for PostgreSQL, a dict for SQLite).
+        return {**TOMBSTONE_EMPTIED, **serialize(self)}
+
+
+def tombstone_values(table: Table) -> dict[str, Any]:
+    """The value a tombstone writes in each row column that is not a field of Tombstone."""
+    row_columns = [c.name for c in table.columns if c.name not in _STAMPED + _COUNTS]
+    declared = set(Tombstone.model_fields) - {"counts"}
+    unknown = sorted(declared - set(row_columns))
+    if unknown:
+        raise ColumnsOutOfStep(
+            f"Tombstone (worker/upsert.py) has field(s) {', '.join(unknown)}, which"
+            f" {table.name} has no column for: remove them from Tombstone"
+        )
+    return empty_values(
+        table,
+        (name for name in row_columns if name not in declared),
+        instead="declare the field in class Tombstone (worker/upsert.py) with the value a"
+        " delete leaves in it",
+    )
+
+
+TOMBSTONE_EMPTIED = tombstone_values(_table)
 
 
 Row = WritingSessionIn | Tombstone
@@ -197,8 +266,10 @@ class SqliteUpsert:
 
     @staticmethod
     def _values(row: Row, now: datetime) -> dict[str, Any]:
-        values: dict[str, Any] = {name: getattr(row, name, None) for name in ROW_FIELDS}
-        values.update(zip(_COUNTS, row.counts, strict=True))
+        # As the PostgreSQL statement reads the rows: their dump, absent fields NULL.
+        dumped = row.model_dump()
+        values: dict[str, Any] = {name: dumped.get(name) for name in ROW_FIELDS}
+        values.update(zip(_COUNTS, dumped["counts"], strict=True))
         values.update(dict.fromkeys(_STAMPED, now))
         values["now"] = now
         return values
