@@ -635,10 +635,17 @@ def test_a_fleet_mid_upgrade_restores_both_kinds_of_workers_messages(
         )
     fill(app, first)
 
+    # Kill ours while it holds messages (on a busy machine the stock worker may have the queue's
+    # head for a moment); the children first, so that what it holds stays held.
     wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the first kill")
-    ours_held = held_by(broker, ours.pid)
     children = ours.children()
+    wait_for(lambda: held_by(broker, ours.pid) > 0, 60, "ours to hold messages")
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    ours_held = held_by(broker, ours.pid)
     kill9(ours.pid)
+    for child in children:
+        kill9(child)
     wait_gone(children)
     # Only the stock worker is left: its visibility-timeout sweep restores ours' messages.
     wait_for(lambda: held_by(broker, ours.pid) == 0, 60, "the stock worker to restore ours'")
