@@ -129,7 +129,7 @@ def test_a_redis_demoted_to_a_replica_mid_load_readonly_loses_nothing(
 ):
     env = on_private_broker(database_url, private_redis.url, redis_url)
     client = redis.Redis.from_url(private_redis.url)
-    sessions = [new_session() for _ in range(30000)]
+    sessions = [new_session() for _ in range(15000)]
     with client.pipeline(transaction=False) as pipe:
         for session in sessions:
             pipe.lpush("celery", envelope([[session], {}, EMBED]))

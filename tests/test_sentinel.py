@@ -110,7 +110,7 @@ def test_a_failover_under_load_loses_nothing_and_the_worker_follows_the_new_mast
 ):
     master, replica, sentinels = sentinel_set
     client = redis.Redis(port=master.port)
-    sessions = [new_session() for _ in range(20000)]
+    sessions = [new_session() for _ in range(10000)]
     with client.pipeline(transaction=False) as pipe:
         for session in sessions:
             pipe.lpush("celery", envelope([[session], {}, EMBED]))

@@ -56,7 +56,7 @@ def redis_time(client: redis.Redis) -> float:
 def test_a_redis_stall_longer_than_the_heartbeat_timeout_restores_no_live_workers_messages(
     db, database_url, redis_url, private_redis, start_worker
 ):
-    sessions = queue_saves(private_redis.url, 30000)
+    sessions = queue_saves(private_redis.url, 12000)
     env = on_private_broker(database_url, private_redis.url, redis_url)
     one = start_worker(base_env=env, concurrency=1, name="one@%h")
     two = start_worker(base_env=env, concurrency=1, name="two@%h")
