@@ -146,12 +146,15 @@ print("loaded:", loaded)
     assert "loaded: []" in result.stdout
 
 
-def test_dead_letters_list_filters_by_time_and_by_what_is_pending(db, env, tmp_path):
-    rows = [
-        ("2026-11-01T10:00:00+00", None),
-        ("2026-11-10T10:00:00+00", "2026-11-11T00:00:00+00"),
-        ("2026-11-20T10:00:00+00", None),
-    ]
+LETTERS = [
+    ("2026-11-01T10:00:00+00", None),
+    ("2026-11-10T10:00:00+00", "2026-11-11T00:00:00+00"),
+    ("2026-11-20T10:00:00+00", None),
+]
+
+
+def insert_letters(db: sa.Engine, rows: list[tuple[str, str | None]]) -> None:
+    """Dead letters that failed (and were replayed) at the given times, each error naming it."""
     with db.begin() as connection:
         for failed_at, replayed_at in rows:
             connection.execute(
@@ -167,6 +170,10 @@ def test_dead_letters_list_filters_by_time_and_by_what_is_pending(db, env, tmp_p
                 },
             )
 
+
+def test_dead_letters_list_filters_by_time_and_by_what_is_pending(db, env, tmp_path):
+    insert_letters(db, LETTERS)
+
     def listed(*options: str) -> list[str]:
         result = run_cli("dead-letters", "list", *options, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -177,6 +184,30 @@ def test_dead_letters_list_filters_by_time_and_by_what_is_pending(db, env, tmp_p
     assert listed("--until", "2026-11-15") == ["2026-11-10", "2026-11-01"]
     assert listed("--since", "2026-11-05", "--until", "2026-11-15") == ["2026-11-10"]
     assert listed("--pending") == ["2026-11-20", "2026-11-01"]
+
+
+def test_dead_letters_purge_deletes_what_failed_before_a_date_and_keeps_the_rest(db, env, tmp_path):
+    insert_letters(db, [*LETTERS, ("2026-11-05T10:00:00+00", "2026-11-06T00:00:00+00")])
+
+    def purge(*options: str) -> str:
+        result = run_cli("dead-letters", "purge", *options, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def left() -> list[str]:
+        with db.connect() as connection:
+            errors = connection.execute(sa.text("SELECT error FROM dead_letter ORDER BY failed_at"))
+            return [error[len("failed ") :] for (error,) in errors]
+
+    replayed = purge("--before", "2026-11-15", "--replayed-only")
+    assert left() == ["2026-11-01", "2026-11-20"]
+    everything = purge("--before", "2026-11-15")
+    assert left() == ["2026-11-20"]
+    missing = run_cli("dead-letters", "purge", env=env, cwd=tmp_path)
+
+    assert replayed == "purged 2 replayed dead letter(s) that failed before 2026-11-15 00:00:00 UTC"
+    assert everything == "purged 1 dead letter(s) that failed before 2026-11-15 00:00:00 UTC"
+    assert missing.returncode == 2 and "--before" in missing.stderr
 
 
 def test_delete_with_wait_prints_the_outcome(env, start_worker, tmp_path):

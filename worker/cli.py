@@ -10,7 +10,7 @@ from dataclasses import fields
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -195,7 +195,7 @@ def delete_(session_id: uuid.UUID, revision: int, wait: bool, timeout: float) ->
 
 @main.group("dead-letters")
 def dead_letters() -> None:
-    """Messages the worker could not persist: list, show, replay."""
+    """Messages the worker could not persist: list, show, replay, purge."""
 
 
 @dead_letters.command("list")
@@ -264,6 +264,24 @@ def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
             f"not found, already replayed or malformed (nothing to send): {listed}"
         )
     click.echo(f"{len(replayed)} replayed")
+
+
+@dead_letters.command("purge")
+@click.option(
+    "--before",
+    type=click.DateTime(),
+    required=True,
+    help="Delete the letters that failed before this time (UTC).",
+)
+@click.option("--replayed-only", is_flag=True, help="Only letters already replayed.")
+@clean_errors
+def dead_letters_purge(before: datetime, replayed_only: bool) -> None:
+    """Delete old dead letters (retention); say how many."""
+    from worker import dead_letters as letters
+
+    purged = letters.purge(cast(datetime, _utc(before)), replayed_only=replayed_only)
+    which = "replayed dead letter(s)" if replayed_only else "dead letter(s)"
+    click.echo(f"purged {purged} {which} that failed before {_utc(before):%Y-%m-%d %H:%M:%S} UTC")
 
 
 def bench_options(func: F) -> F:
