@@ -1,15 +1,14 @@
 """Alembic environment: URL from worker.settings, metadata from worker.models, one migrator."""
 
+import sys
+
 from alembic import context
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from worker.db import make_engine
+from worker.migrate import MIGRATION_LOCK_KEY
 from worker.models import Base
 from worker.settings import settings
-
-# An arbitrary, fixed key: concurrent `migrate` runs queue on this advisory lock instead of
-# racing to create the same tables.
-MIGRATION_LOCK_KEY = 0x5753_4D49_4752  # "WSMIGR"
 
 target_metadata = Base.metadata
 config = context.config
@@ -39,10 +38,7 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             postgres = connection.dialect.name == "postgresql"
             if postgres:
-                connection.execute(
-                    text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
-                )
-                connection.commit()
+                take_the_migration_lock(connection)
             try:
                 # Batch mode lets the same scripts alter tables on SQLite (embedded mode).
                 context.configure(
@@ -61,6 +57,19 @@ def run_migrations_online() -> None:
                     connection.commit()
     finally:
         engine.dispose()
+
+
+def take_the_migration_lock(connection: Connection) -> None:
+    """Take the migration lock, saying so on stderr first if another migrate holds it."""
+    key = {"key": MIGRATION_LOCK_KEY}
+    if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar_one():
+        sys.stderr.write(
+            "another migrate holds the migration lock (PostgreSQL advisory lock "
+            f"{MIGRATION_LOCK_KEY}); waiting for it to finish\n"
+        )
+        sys.stderr.flush()
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+    connection.commit()
 
 
 if context.is_offline_mode():

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from tests.conftest import CELERY, create_database, drop_database, run_cli, service_env
-from worker.migrate import alembic_config, upgrade
+from worker.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade
 
 
 @pytest.fixture
@@ -62,6 +62,36 @@ def test_concurrent_migrate_commands_both_succeed(empty_database, tmp_path):
     outputs = [run.communicate(timeout=120) for run in runs]
 
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    assert {"writing_session", "dead_letter"} <= _tables(empty_database)
+
+
+def test_migrate_says_it_waits_while_another_holds_the_migration_lock(empty_database, tmp_path):
+    import select
+    import subprocess
+
+    holder = sa.create_engine(empty_database, poolclass=sa.NullPool)
+    lock = {"key": MIGRATION_LOCK_KEY}
+    try:
+        with holder.connect() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), lock)
+            migrate = subprocess.Popen(
+                [CELERY.replace("celery", "writing-sessions"), "migrate"],
+                env=service_env(DATABASE_URL=empty_database),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert migrate.stderr is not None
+            ready, _, _ = select.select([migrate.stderr], [], [], 60)
+            said = migrate.stderr.readline() if ready else "(nothing within 60 s)"
+            connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), lock)
+            connection.commit()
+        _, err = migrate.communicate(timeout=120)
+    finally:
+        holder.dispose()
+
+    assert said.startswith("another migrate holds the migration lock"), said + err
+    assert migrate.returncode == 0, err
     assert {"writing_session", "dead_letter"} <= _tables(empty_database)
 
 

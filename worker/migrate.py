@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# An arbitrary, fixed PostgreSQL advisory-lock key: concurrent `migrate` runs queue on it
+# (migrations/env.py) instead of racing to create the same tables.
+MIGRATION_LOCK_KEY = 0x5753_4D49_4752  # "WSMIGR"
+
 # Alembic is imported where it is used, never at module level: workers import this module, and
 # whatever a prefork parent imports, every child carries in its resident memory.
 
