@@ -558,21 +558,26 @@ def test_two_nodes_on_one_queue_one_killed_the_survivor_finishes_its_messages(
 ):
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     payloads = [new_session() for _ in range(3000)]
-    survivor = start_worker(concurrency=2, name="survivor@%h")
     victim = start_worker(concurrency=2, name="victim@%h")
+    # The victim's children stopped: what its main process takes stays held until the kill (on
+    # a loaded machine the survivor alone could otherwise drain the queue before the victim
+    # takes anything).
+    children = victim.children()
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    survivor = start_worker(concurrency=2, name="survivor@%h")
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
 
-    # Both nodes busy: 500 rows written and the victim holding messages (on a loaded machine a
-    # node can start consuming late).
     wait_for(
         lambda: count_rows(db) >= 500 and held_by(broker, victim.pid),
         120,
         "500 rows, and the victim holding messages, before the kill",
     )
-    children = victim.children()
     killed_at = time.monotonic()
     kill9(victim.pid)
     held = held_by(broker, victim.pid)
+    for child in children:
+        kill9(child)
     wait_gone(children)
     back_after = wait_restored(broker, victim.pid, killed_at)
     wait_for(lambda: count_rows(db) == 3000, 180, "3,000 rows")
