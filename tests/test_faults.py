@@ -196,10 +196,15 @@ def test_kill_9_of_the_main_process_every_held_message_comes_back_by_heartbeat(
     worker = start_worker(concurrency=2)
     sent = 0
     for repetition in range(5):
-        payloads = [new_session() for _ in range(1500)]
+        # Enough that the worker is still busy when the test, slowed by a loaded machine, kills.
+        payloads = [new_session() for _ in range(3000)]
         fill(app, payloads)
 
-        wait_for(lambda s=sent: count_rows(db) >= s + 400, 120, "400 rows before the kill")
+        wait_for(
+            lambda s=sent, w=worker: count_rows(db) >= s + 400 and held_by(broker, w.pid) > 0,
+            120,
+            "400 rows, and the worker holding messages, before the kill",
+        )
         children = worker.children()
         killed_at = time.monotonic()
         kill9(worker.pid)
