@@ -7,7 +7,6 @@ an underscore, which Celery leaves out.
 
 import ssl as _ssl
 
-from worker.celery_ext.broker import StayOnTheSentinels as _StayOnTheSentinels
 from worker.settings import settings as _settings
 
 broker_url = _settings.broker_url
@@ -72,10 +71,13 @@ broker_transport = (
     if _settings.broker_url.startswith("sentinel://")
     else None
 )
-# The URLs of a sentinel:// broker are sentinels of one master: no switching between them.
-broker_failover_strategy = (
-    _StayOnTheSentinels if _settings.broker_url.startswith("sentinel://") else "round-robin"
-)
+broker_failover_strategy: object = "round-robin"
+if _settings.broker_url.startswith("sentinel://"):
+    # The URLs of a sentinel:// broker are sentinels of one master: no switching between them.
+    # Imported only then: every process (producers too) imports this module.
+    from worker.celery_ext.broker import StayOnTheSentinels as _StayOnTheSentinels
+
+    broker_failover_strategy = _StayOnTheSentinels
 # kombu turns a bare rediss:// into TLS only for its own transport, and then without checking
 # the server's certificate. Say TLS here, checked against the system's CAs, unless the URL sets
 # ssl_cert_reqs (and ssl_ca_certs, ...) itself.
