@@ -300,20 +300,34 @@ def test_messages_of_the_next_turn_make_a_group_of_their_own(consumer, deliver):
     assert [job.ids for job in consumer.jobs] == [first, second]
 
 
-def test_each_message_of_a_group_carries_its_own_headers_and_retries_to_the_runner(app, consumer):
+def test_each_message_of_a_group_carries_its_own_headers_to_the_runner(app, consumer):
     handlers = strategies(app, consumer)
     consumer.deliver(handlers, task_message(app, "t.grouped", "a", extra={"x-probe": "one"}))
-    consumer.deliver(
-        handlers, task_message(app, "t.grouped", "b", retries=2, extra={"x-probe": "two"})
-    )
+    consumer.deliver(handlers, task_message(app, "t.grouped", "b", extra={"x-probe": "two"}))
     consumer.hub.end_turn()
 
     (job,) = consumer.jobs
     first, second = job.args[1]
     assert (first.request["x-probe"], first.retries) == ("one", 0)
-    assert (second.request["x-probe"], second.retries) == ("two", 2)
-    assert second.context.retries == 2  # task.request as Task.retry will read it
+    assert (second.request["x-probe"], second.retries) == ("two", 0)
+    assert second.context.retries == 0  # task.request as Task.retry will read it
     assert second.name == "t.grouped" and second.kwargs == {}
+
+
+def test_a_retry_without_a_countdown_runs_alone_with_its_retries_count(app, consumer):
+    # Full jitter can draw a 0 s countdown: such a retry has no ETA, yet it must not join a group
+    # (beside the message that hung its last group it would share its next hard time limit).
+    handlers = strategies(app, consumer)
+    plain = task_message(app, "t.grouped", "a")
+    retried = task_message(app, "t.grouped", "b", retries=2)
+    consumer.deliver(handlers, plain)
+    consumer.deliver(handlers, retried)
+    consumer.hub.end_turn()
+
+    assert [job.ids for job in consumer.jobs] == [[plain.headers["id"]]]
+    (alone,) = consumer.handled
+    assert alone.id == retried.headers["id"]
+    assert alone.request_dict["retries"] == 2
 
 
 def test_a_group_limit_sends_a_full_group_at_once_and_the_rest_at_the_end_of_the_turn(
@@ -376,6 +390,7 @@ def test_tasks_with_the_same_runner_and_limits_share_a_group(app, consumer):
     ("what", "options"),
     [
         ("a countdown", {"countdown": 60}),
+        ("a retry", {"retries": 1}),
         ("an ETA", {"eta": "2099-01-01T00:00:00+00:00"}),
         ("callbacks", {"callbacks": [{"task": "t.grouped", "args": [], "kwargs": {}}]}),
         ("errbacks", {"errbacks": [{"task": "t.grouped", "args": [], "kwargs": {}}]}),

@@ -26,6 +26,9 @@ A group member's fate is its own; the group is an optimisation of settling each 
 - Messages Celery must handle itself (protocol 1, an ETA or countdown, callbacks, errbacks, chains
   and chords) take Celery's own path; so does everything when the worker has no event loop (the
   embedded broker) or the task says `group_messages = False` (group commit switched off).
+- A retry (headers.retries > 0) runs alone on Celery's path too, even with no countdown (full
+  jitter can draw 0 s): a valid message retried beside the one that hung its group must not
+  share that message's next hard time limit and spend an attempt on it again.
 
 Whatever a message contains, the Strategy either builds a Request or raises InvalidTaskError,
 which the consumer turns into a malformed-message record (consumer.py beside it): a body that is
@@ -170,7 +173,7 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
             check_protocol1(body if body is not None else payload)
             return _celerys_path(celery_default, message, body, ack, reject, callbacks, options)
         embed = check_body(payload)
-        if not grouping or headers.get("eta") or _needs_celery(embed):
+        if not grouping or headers.get("eta") or headers.get("retries") or _needs_celery(embed):
             return _celerys_path(celery_default, message, body, ack, reject, callbacks, options)
         try:
             request = Request(
