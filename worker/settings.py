@@ -34,6 +34,10 @@ class Settings:
     group_commit: bool = True
     #: The Redis master's name that a sentinel:// broker asks its sentinels for.
     broker_master_name: str | None = None
+    #: OpenTelemetry tracing (the `otel` extra); exporters from the standard OTEL_* variables.
+    tracing: bool = False
+    #: The port a worker serves Prometheus metrics on (None: no metrics server).
+    metrics_port: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -120,6 +124,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         task_time_limit=_integer(environ, "WRITING_SESSIONS_TASK_TIME_LIMIT", 300, minimum=1),
         log_format=log_format,
         group_commit=_flag(environ, "WRITING_SESSIONS_GROUP_COMMIT", default=True),
+        tracing=_flag(environ, "WRITING_SESSIONS_TRACING"),
+        metrics_port=_integer(environ, "WRITING_SESSIONS_METRICS_PORT", 0, minimum=0) or None,
     )
 
 
