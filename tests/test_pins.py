@@ -174,6 +174,8 @@ USED = [
     ("kombu.transport.virtual.base:QoS.can_consume_max_estimate", "(self)"),
     ("kombu.transport.virtual.base:QoS.restore_unacked_once", "(self, stderr=None)"),
     ("kombu.transport.redis:Channel._q_for_pri", "(self, queue, pri)"),
+    # worker/tracing.py finds each message's consumer span where CeleryInstrumentor keeps it.
+    ("opentelemetry.instrumentation.celery.utils:retrieve_context", "(task, task_id, is_publish)"),
     ("kombu.transport.redis:Channel._get_message_priority", "(self, message, reverse=False)"),
     ("kombu.transport.redis:Channel._flush_brpop_reauth", "(self)"),
     ("kombu.transport.redis:Channel._create_client", "(self, asynchronous=False)"),

@@ -2,7 +2,7 @@
 
 from celery import Celery
 
-from worker.settings import VAR_DIR
+from worker.settings import VAR_DIR, settings
 
 app = Celery("writing_sessions")
 app.config_from_object("celeryconfig")
@@ -21,6 +21,13 @@ app.loader.override_backends = {
     "redis": "worker.celery_ext.results:RedisBackend",
     "rediss": "worker.celery_ext.results:RedisBackend",
 }
+
+if settings.tracing:
+    # Producers and workers alike: a producer's send injects the trace context, a worker's
+    # message continues it (worker/tracing.py). Children inherit it across the fork.
+    from worker import tracing
+
+    tracing.setup()
 
 if any(
     f"sqlite:///{VAR_DIR}/" in (url or "") for url in (app.conf.broker_url, app.conf.result_backend)

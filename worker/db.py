@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import sqlalchemy
 from celery import signals
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,10 +80,13 @@ def make_engine(url: str, application_name: str, pool_size: int = 1) -> Engine:
     options: dict[str, Any] = {"echo": settings.sql_echo}
     if make_url(url).get_backend_name() == "sqlite":
         connections.make_sqlite_directory(url)
-        engine = create_engine(url, connect_args={"timeout": 30}, pool_pre_ping=True, **options)
+        engine = sqlalchemy.create_engine(
+            url, connect_args={"timeout": 30}, pool_pre_ping=True, **options
+        )
         connections.serialise_sqlite_writers(engine)
         return engine
-    engine = create_engine(
+    # Looked up on the module at each call: tracing (worker/tracing.py) wraps it.
+    engine = sqlalchemy.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import states
 
-from worker import store
+from worker import store, tracing
 from worker.celery_ext.group_commit import Decision, Message
 from worker.db import task_db
 from worker.schemas import parse_delete, parse_writing_session
@@ -71,7 +71,7 @@ def _write(messages: list[Message], rows: list[Row | Exception], now: datetime) 
     """One transaction: the valid rows by the revision rule, a dead letter for each other."""
     valid = [index for index, row in enumerate(rows) if not isinstance(row, Exception)]
     decisions: list[Decision] = []
-    with task_db() as db:
+    with tracing.group_write(messages), task_db() as db:
         written = store.write_group(db, [rows[index] for index in valid], now)  # type: ignore[misc]
         results: dict[int, Any] = dict(zip(valid, written, strict=True))
         for index, row in enumerate(rows):
@@ -92,10 +92,11 @@ def _write_alone(message: Message, row: Row | Exception, now: datetime) -> Decis
 
 
 def _settle_failure(message: Message, exc: BaseException) -> Decision:
-    with message.current() as task:
+    # Under the message's own span: a retry it publishes continues its trace.
+    with message.current() as task, tracing.current(message):
         return settle_failure(task, exc, message.args, message.kwargs)
 
 
 def _add_dead_letter(db: Any, message: Message, error: Exception) -> None:
-    with message.current() as task:
+    with message.current() as task, tracing.current(message):
         add_dead_letter(task, db, args=message.args, kwargs=message.kwargs, error=error)
