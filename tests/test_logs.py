@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import CELERY, new_session, send_save, wait_for
+from tests.conftest import (
+    CELERY,
+    CLI,
+    WorkerProcess,
+    create_database,
+    drop_database,
+    new_session,
+    send_save,
+    wait_for,
+)
 from worker.logs import mask_passwords
 
 
@@ -23,28 +38,112 @@ def test_mask_passwords_hides_every_url_password_in_a_text():
     assert "postgresql://ws:***@db:5432/ws" in masked
 
 
-def test_json_logs_have_one_line_per_outcome_with_ids_and_duration(
-    db, env, producer, start_worker, database_url
+# --include'd by the JSON workers below: noise in each of their processes, at import in the main
+# process and in each pool child as it starts.
+NOISE = """\
+import os
+import threading
+import warnings
+
+from celery import signals
+
+
+def noise(where):
+    warnings.warn(f"a warning in {where}", UserWarning)
+    print(f"a print in {where}")
+    thread = threading.Thread(target=fail, args=(where,))
+    thread.start()
+    thread.join()
+
+
+def fail(where):
+    raise RuntimeError(f"an uncaught error in a thread of {where}")
+
+
+noise("the main process")
+
+
+@signals.worker_process_init.connect
+def _in_each_child(**_):
+    noise(f"pool child {os.getpid()}")
+"""
+
+COMMANDS = {"celery": [CELERY, "-A", "worker", "worker"], "writing-sessions": [CLI, "worker"]}
+
+
+@pytest.fixture
+def run_worker(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `celery -A worker worker` or `writing-sessions worker` with LOG_FORMAT=json, its
+    stdout and stderr in one file; stop them all after the test."""
+    workers: list[WorkerProcess] = []
+
+    def run(command: str, *args: str, extra_env: dict[str, str] | None = None) -> WorkerProcess:
+        node = f"json-{uuid.uuid4().hex[:6]}@%h"
+        log_path = tmp_path / f"worker-{len(workers) + 1}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*COMMANDS[command], "-n", node, "--without-mingle", "--without-gossip", *args],
+                env={**env, "LOG_FORMAT": "json", **(extra_env or {})},
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        workers.append(WorkerProcess(process, log_path, node))
+        return workers[-1]
+
+    yield run
+    for worker in workers:
+        worker.stop()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of `text` as a JSON object; fails naming the lines that are not one."""
+    records, others = [], []
+    for line in text.removesuffix("\n").split("\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            others.append(line)
+    assert not others, f"{len(others)} of {len(records) + len(others)} lines not JSON: {others}"
+    return records
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_json_logs_are_one_json_object_per_line_from_start_to_warm_shutdown(
+    command, db, producer, run_worker, database_url, tmp_path
 ):
+    (tmp_path / "noise.py").write_text(NOISE)
     with_password = make_url(database_url).set(password="s3cret-db-pw")
-    worker = start_worker(
-        extra_env={
-            "LOG_FORMAT": "json",
-            "DATABASE_URL": with_password.render_as_string(hide_password=False),
-        }
+    worker = run_worker(
+        command,
+        *("-P", "prefork", "-c", "2", "-l", "INFO", "--include", "noise"),
+        extra_env={"DATABASE_URL": with_password.render_as_string(hide_password=False)},
     )
+    wait_for(lambda: " ready." in worker.log() or not worker.alive(), 60, "the worker ready")
+    assert worker.alive(), worker.log()
+    # A pool child killed: billiard's main process says so; the pool starts another.
+    first = wait_for(lambda: len(c := worker.children()) == 2 and c, 30, "two children")
+    wait_for(lambda: all(f"pool child {pid}" in worker.log() for pid in first), 30, "their noise")
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"pid:{victim} exited with" in worker.log(), 30, "the child's exit logged")
+    (spare,) = wait_for(lambda: worker.children() - first, 30, "a new child")
+    wait_for(lambda: f"pool child {spare}" in worker.log(), 30, "the new child's noise")
     good = new_session()
 
     send_save(producer, good).get(timeout=30)
     send_save(producer, {"id": str(uuid.uuid4())}).get(timeout=30, propagate=False)
     producer.send_task("writing_sessions.delete", args=[good["id"], 1]).get(timeout=30)
+    wait_for(lambda: worker.log().count('"writing_sessions.tasks"') == 3, 30, "3 outcome lines")
+    assert worker.stop() == 0
 
-    def outcome_lines() -> list[dict]:
-        lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
-        outcomes = [line for line in lines if line["logger"] == "writing_sessions.tasks"]
-        return outcomes if len(outcomes) == 3 else []
-
-    created, failed, deleted = wait_for(outcome_lines, 30, "three outcome lines")
+    records = json_lines(worker.log())
+    created, failed, deleted = [r for r in records if r["logger"] == "writing_sessions.tasks"]
     assert (created["task"], created["session_id"], created["outcome"]) == (
         "writing_sessions.save",
         good["id"],
@@ -54,7 +153,79 @@ def test_json_logs_have_one_line_per_outcome_with_ids_and_duration(
     assert (deleted["task"], deleted["outcome"]) == ("writing_sessions.delete", "deleted")
     assert all(line["duration_ms"] >= 0 and line["task_id"] for line in (created, failed, deleted))
     assert "s3cret-db-pw" not in worker.log()
-    assert "Traceback" not in worker.log()  # bad input is an expected failure
+    # Bad input is an expected failure: the only tracebacks are the noise's uncaught errors.
+    assert {r["logger"] for r in records if "exception" in r} == {"writing_sessions.uncaught"}
+
+    def messages(logger: str) -> list[str]:
+        return [r["message"] for r in records if r["logger"] == logger]
+
+    (banner,) = [r for r in records if r["message"].endswith(" starting")]
+    assert banner["logger"] == "celery.apps.worker"
+    assert banner["concurrency"] == "2 (prefork)" and "celery" in banner["queues"]
+    assert banner["transport"].startswith("worker.celery_ext.broker:Transport://")
+    assert banner["results"].startswith("redis://")
+    assert "writing_sessions.save" in banner["tasks"]
+    warned = messages("py.warnings")
+    # The noise of every process: both first children, and the one started after the kill.
+    for where in ["the main process", *(f"pool child {pid}" for pid in (*first, spare))]:
+        assert any(f"UserWarning: a warning in {where}\n" in m for m in warned), where
+        assert f"a print in {where}" in messages("celery.redirected")
+        assert any(
+            m.endswith(f"a thread of {where}") for m in messages("writing_sessions.uncaught")
+        )
+    if os.geteuid() == 0:  # Celery's SecurityWarning, before it sets up logging
+        assert any("SecurityWarning: You're running the worker with superuser" in m for m in warned)
+    assert any(
+        m.endswith(f"pid:{victim} exited with 'signal 9 (SIGKILL)'")
+        for m in messages("multiprocessing")
+    )
+    assert "worker: Warm shutdown (MainProcess)" in messages("celery.apps.worker")
+
+
+@pytest.fixture
+def empty_database_url() -> Iterator[str]:
+    """A database without the schema."""
+    name = f"ws_test_empty_{uuid.uuid4().hex[:12]}"
+    yield create_database(name)
+    drop_database(name)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_json_logs_show_an_uncaught_exception_that_stops_a_worker_as_one_json_object(
+    command, env, run_worker, tmp_path
+):
+    (tmp_path / "broken.py").write_text('raise RuntimeError("this module cannot load")\n')
+    worker = run_worker(command, "--include", "broken")
+
+    assert worker.process.wait(60) == 1
+
+    (uncaught,) = [r for r in json_lines(worker.log()) if "exception" in r]
+    assert (uncaught["logger"], uncaught["level"], uncaught["message"]) == (
+        "writing_sessions.uncaught",
+        "CRITICAL",
+        "uncaught RuntimeError: this module cannot load",
+    )
+    assert 'broken.py", line 1' in uncaught["exception"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_json_logs_say_that_the_schema_is_behind_in_json(
+    command, env, run_worker, empty_database_url
+):
+    worker = run_worker(command, extra_env={"DATABASE_URL": empty_database_url})
+
+    assert worker.process.wait(60) == 1
+
+    records = [(r["logger"], r["message"]) for r in json_lines(worker.log())]
+    assert any(
+        logger == "worker.migrate" and "run `writing-sessions migrate`" in message
+        for logger, message in records
+    ), records
+    # SystemExit's message, which Python itself writes to sys.stderr.
+    assert any(
+        logger == "celery.redirected" and message.startswith("writing-sessions: database ")
+        for logger, message in records
+    ), records
 
 
 def test_text_logs_and_banner_never_show_the_broker_password(db, env, tmp_path):

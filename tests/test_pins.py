@@ -164,6 +164,24 @@ OVERRIDDEN = [
     ("billiard.pool:Worker.after_fork", "(self)", "2210e993814bfebb"),
     ("billiard.common:_shutdown_cleanup", "(signum, frame)", "5b2da17a84fa0320"),
     ("celery.concurrency.prefork:process_initializer", "(app, hostname)", "15a8b226f8e00eee"),
+    # logs.py, LOG_FORMAT=json: replaced by a function writing one JSON object (module global,
+    # looked up by the shutdown, SIGUSR1 and SIGHUP handlers at each call).
+    ("celery.apps.worker:safe_say", "(msg, f)", "2a997ad5affebd35"),
+    # Not overridden: it sends celeryd_init (logs.py's JSON set-up) before check_privileges warns.
+    (
+        "celery.apps.worker:Worker.on_before_init",
+        "(self, quiet=False, **kwargs)",
+        "64c3e837332aa449",
+    ),
+    # Not overridden: it sends celeryd_after_setup, where logs.py logs the banner and sets
+    # `quiet`, before it prints the banner unless `quiet`.
+    ("celery.apps.worker:Worker.on_start", "(self)", "0e5a488e2f0bb8af"),
+    # Not overridden: logs.banner logs what these print.
+    ("celery.apps.worker:Worker.startup_info", "(self, artlines=True)", "da84c5ac8f58507e"),
+    ("celery.apps.worker:Worker.extra_info", "(self)", "5a3279849698eef0"),
+    # Not overridden: a root logger marked `_rudimentary_setup` (logs.py's early JSON handler)
+    # still gets Celery's handler.
+    ("celery.app.log:Logging._is_configured", "(self, logger)", "222ac0adc0f89392"),
 ]
 
 # Internals the overrides call or read: each must still exist with this signature.
@@ -216,6 +234,9 @@ USED = [
         "celery.concurrency.base:BasePool.apply_async",
         "(self, target, args=None, kwargs=None, **options)",
     ),
+    ("celery:_original_os_write", None),
+    ("celery.utils.log:LoggingProxy.__init__", "(self, logger, loglevel=None)"),
+    ("celery.utils.log:get_multiprocessing_logger", "()"),
 ]
 
 

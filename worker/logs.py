@@ -2,18 +2,34 @@
 
 Context (task id, task name, writing-session id) is bound in `task_prerun` and dropped in
 `task_postrun`, which also writes the outcome line with the task's duration.
+
+With LOG_FORMAT=json every line the worker's processes write is one JSON object. Celery's log
+handlers get the JSON formatter (`after_setup_logger`), but Celery also writes around them:
+its start-up banner is printed to stdout, its SecurityWarning (running as root) comes before
+logging is set up, and the shutdown notices of its signal handlers are written to the file
+descriptor directly (`safe_say`). So, from `celeryd_init` (the first thing a worker does, before
+that warning): a JSON handler on the root logger until Celery's own replaces it, warnings
+captured, stdout and stderr written as log records, uncaught exceptions (any thread) and
+unraisable ones logged, and `safe_say` writing one JSON object. At `celeryd_after_setup`, just
+before Celery prints the banner, its facts are logged as one record instead (docs/internals.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import platform
 import re
+import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any
 
 from celery import signals
+from celery.utils.log import LoggingProxy
 
 from worker.settings import settings
 
@@ -91,7 +107,8 @@ def session_id(task_name: str, args: Any) -> str | None:
 
 def _configure(logger: logging.Logger, **_: Any) -> None:
     for handler in logger.handlers:
-        handler.addFilter(MaskPasswords())
+        if not any(isinstance(f, MaskPasswords) for f in handler.filters):
+            handler.addFilter(MaskPasswords())
         if settings.log_format == "json":
             handler.setFormatter(JsonFormatter())
         else:
@@ -100,8 +117,168 @@ def _configure(logger: logging.Logger, **_: Any) -> None:
             )
 
 
-signals.after_setup_logger.connect(_configure)
 signals.after_setup_task_logger.connect(_configure)
+
+
+@signals.after_setup_logger.connect
+def _configure_root(logger: logging.Logger, **_: Any) -> None:
+    if settings.log_format == "json":
+        _drop_the_early_handler(logger)
+        # billiard's logger ("Process 'ForkPoolWorker-1' pid:… exited with 'signal 9 (SIGKILL)'")
+        # does not propagate: Celery gives it a text handler of its own.
+        from celery.utils.log import get_multiprocessing_logger
+
+        multiprocessing_logger = get_multiprocessing_logger()
+        if multiprocessing_logger is not None:
+            _configure(multiprocessing_logger)
+    _configure(logger)
+
+
+# JSON from a worker's first line (LOG_FORMAT=json): before Celery sets up logging, and around it.
+
+_uncaught = logging.getLogger("writing_sessions.uncaught")
+
+
+class _EarlyHandler(logging.StreamHandler):
+    """The root logger's JSON handler until Celery sets up its own."""
+
+
+class _StreamToLog(LoggingProxy):
+    """sys.stdout or sys.stderr as Celery's redirection makes them (each write is a record),
+    keeping the stream's isatty: Celery decides by it whether SIGHUP restarts the worker."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(logging.getLogger("celery.redirected"), logging.WARNING)
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@signals.celeryd_init.connect
+def _json_from_the_start(**_: Any) -> None:
+    if settings.log_format != "json":
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _EarlyHandler(sys.__stderr__)
+        handler.addFilter(MaskPasswords())
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+        # Celery's Logging.setup_handlers still adds its handler (honouring --logfile) to a
+        # logger it finds so marked, even with worker_hijack_root_logger off.
+        root._rudimentary_setup = True  # type: ignore[attr-defined]
+    logging.captureWarnings(True)
+    # Until Celery redirects them itself (on_start, worker_redirect_stdouts), and if it does not:
+    # a print, or the message of a SystemExit, is a record.
+    sys.stdout = _StreamToLog(sys.stdout)
+    sys.stderr = _StreamToLog(sys.stderr)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
+    import celery.apps.worker
+
+    celery.apps.worker.safe_say = _say
+
+
+def _drop_the_early_handler(root: logging.Logger) -> None:
+    for handler in root.handlers[:]:
+        if isinstance(handler, _EarlyHandler):
+            root.removeHandler(handler)
+    with contextlib.suppress(AttributeError):
+        del root._rudimentary_setup  # type: ignore[attr-defined]
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    _uncaught.critical("uncaught %s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # ends the thread quietly, as Python's own hook lets it
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    name = args.thread.name if args.thread is not None else "?"
+    _uncaught.error(
+        "uncaught %s in thread %s: %s",
+        args.exc_type.__name__,
+        name,
+        args.exc_value,
+        exc_info=exc_info,  # type: ignore[arg-type]  # exc_value is set for an exception
+    )
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    try:
+        _uncaught.warning(
+            "%s: %r",
+            unraisable.err_msg or "Exception ignored in",
+            unraisable.object,
+            exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+        )
+    except Exception:  # the interpreter may be shutting down
+        sys.__unraisablehook__(unraisable)
+
+
+_say_formatter = JsonFormatter()
+
+
+def _say(msg: Any, f: Any = sys.__stderr__) -> None:
+    """celery.apps.worker.safe_say, writing one JSON object: the same single unbuffered write
+    to the same file descriptor, which a signal handler can do (Celery calls it from its
+    shutdown, SIGUSR1 and SIGHUP handlers)."""
+    from celery import _original_os_write
+
+    record = logging.LogRecord(
+        "celery.apps.worker", logging.WARNING, __file__, 0, mask_passwords(str(msg)), None, None
+    )
+    line = _say_formatter.format(record) + "\n"
+    if hasattr(f, "fileno") and f.fileno() is not None:
+        with contextlib.suppress(OSError):
+            _original_os_write(f.fileno(), line.encode())
+
+
+@signals.celeryd_after_setup.connect
+def _banner_as_a_record(instance: Any, **_: Any) -> None:
+    # Worker.on_start sends celeryd_after_setup, then prints the banner unless `quiet`.
+    if settings.log_format != "json" or instance.quiet:
+        return
+    instance.quiet = True
+    fields = banner(instance)
+    logging.getLogger("celery.apps.worker").info(
+        "%s v%s starting", fields["hostname"], fields["version"], extra={"fields": fields}
+    )
+
+
+def banner(worker: Any) -> dict[str, Any]:
+    """The facts of Celery's start-up banner (Worker.startup_info and extra_info), masked."""
+    from celery import VERSION_BANNER
+
+    app = worker.app
+    concurrency = str(worker.concurrency)
+    if worker.autoscale:
+        most, least = worker.autoscale
+        concurrency = f"{{min={least}, max={most}}}"
+    pool = worker.pool_cls if isinstance(worker.pool_cls, str) else worker.pool_cls.__module__
+    fields: dict[str, Any] = {
+        "hostname": worker.hostname,
+        "version": VERSION_BANNER,
+        "platform": platform.platform(),
+        "app": app.main or "__main__",
+        "transport": mask_passwords(app.connection().as_uri()),
+        "results": mask_passwords(app.backend.as_uri()),
+        "concurrency": f"{concurrency} ({pool.split('.')[-1]})",
+        "task_events": bool(worker.task_events),
+        "queues": {
+            name: f"exchange={queue.exchange.name}({queue.exchange.type}) key={queue.routing_key}"
+            for name, queue in sorted(app.amqp.queues.consume_from.items())
+        },
+    }
+    if worker.loglevel is not None and worker.loglevel <= logging.INFO:
+        builtins = worker.loglevel <= logging.DEBUG
+        fields["tasks"] = sorted(t for t in app.tasks if builtins or not t.startswith("celery."))
+    return fields
 
 
 @signals.task_prerun.connect
