@@ -77,6 +77,10 @@ class Job:
     def failed(self) -> Any:
         return self.args[2]
 
+    def finish(self) -> None:
+        """The child wrote the group: its reports reach the main process."""
+        self.options["callback"]([(states.SUCCESS, repr(m.args[0]), 0.0) for m in self.args[1]])
+
 
 @dataclass
 class Pool:
@@ -294,10 +298,46 @@ def test_a_message_alone_on_an_idle_worker_goes_out_alone_at_the_end_of_its_turn
 def test_messages_of_the_next_turn_make_a_group_of_their_own(consumer, deliver):
     first = deliver("t.grouped", 1, 2)
     consumer.hub.end_turn()
+    consumer.jobs[0].finish()
     second = deliver("t.grouped", 3)
     consumer.hub.end_turn()
 
     assert [job.ids for job in consumer.jobs] == [first, second]
+
+
+def test_messages_that_arrive_while_every_process_is_busy_wait_and_go_out_together(
+    consumer, deliver
+):
+    # RabbitMQ delivers one message per turn of the loop: groups form while a process writes.
+    (first,) = deliver("t.grouped", 1)
+    consumer.hub.end_turn()
+    later = []
+    for value in range(2, 6):
+        later += deliver("t.grouped", value)
+        consumer.hub.end_turn()
+
+    assert [job.ids for job in consumer.jobs] == [[first]]  # an idle worker: out at once, alone
+    consumer.jobs[0].finish()
+    assert [job.ids for job in consumer.jobs] == [[first], later]  # all that waited, together
+    consumer.jobs[1].finish()
+    assert len(consumer.jobs) == 2 and consumer.hub.soon == []
+
+
+def test_what_waited_is_shared_among_the_processes_free_and_the_rest_waits_for_the_next(app):
+    consumer = Consumer(processes=2)
+    handlers = strategies(app, consumer)
+
+    def deliver_one(value: Any) -> str:
+        message = task_message(app, "t.grouped", value)
+        consumer.deliver(handlers, message)
+        consumer.hub.end_turn()
+        return message.headers["id"]
+
+    a, b = deliver_one("a"), deliver_one("b")  # two free processes: one job each
+    waited = [deliver_one(value) for value in "cdef"]
+    assert [job.ids for job in consumer.jobs] == [[a], [b]]
+    consumer.jobs[1].finish()
+    assert [job.ids for job in consumer.jobs] == [[a], [b], waited]
 
 
 def test_each_message_of_a_group_carries_its_own_headers_to_the_runner(app, consumer):
@@ -330,14 +370,19 @@ def test_a_retry_without_a_countdown_runs_alone_with_its_retries_count(app, cons
     assert alone.request_dict["retries"] == 2
 
 
-def test_a_group_limit_sends_a_full_group_at_once_and_the_rest_at_the_end_of_the_turn(
+def test_a_group_limit_sends_a_full_group_at_once_and_the_rest_when_a_process_is_free(
     consumer, deliver
 ):
     ids = deliver("t.limited", *range(7))
 
-    # Full groups do not wait for the end of the turn.
-    assert [job.ids for job in consumer.jobs] == [ids[0:3], ids[3:6]]
+    # A full group does not wait for the end of the turn; the next full one waits for a
+    # process (one here), and so does the rest.
+    assert [job.ids for job in consumer.jobs] == [ids[0:3]]
     consumer.hub.end_turn()
+    assert [job.ids for job in consumer.jobs] == [ids[0:3]]
+    consumer.jobs[0].finish()
+    assert [job.ids for job in consumer.jobs] == [ids[0:3], ids[3:6]]
+    consumer.jobs[1].finish()
     assert [job.ids for job in consumer.jobs] == [ids[0:3], ids[3:6], ids[6:]]
 
 
@@ -353,7 +398,16 @@ def test_a_group_is_shared_out_over_the_pool_processes_one_job_each_at_most(app)
     assert [job.ids for job in consumer.jobs] == [ids[0:3], ids[3:5]]
 
 
-def test_messages_with_different_time_limits_never_share_a_group(consumer, deliver):
+def test_messages_with_different_time_limits_never_share_a_group(app):
+    consumer = Consumer(processes=3)
+    handlers = strategies(app, consumer)
+
+    def deliver(name: str, *values: Any, **options: Any) -> list[str]:
+        messages = [task_message(app, name, value, **options) for value in values]
+        for message in messages:
+            consumer.deliver(handlers, message)
+        return [message.headers["id"] for message in messages]
+
     default = deliver("t.grouped", 1, 2)
     short = deliver("t.grouped", 3, 4, time_limit=30, soft_time_limit=20)
     soft_only = deliver("t.grouped", 5, soft_time_limit=20)

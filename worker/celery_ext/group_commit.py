@@ -2,11 +2,12 @@
 
 Celery hands each message to a pool child as a job of its own. This Strategy (a task's
 `Strategy = "worker.celery_ext.group_commit:strategy"`) builds Celery's own Request for each
-message in the main process, as Celery's default strategy does, but buffers it instead; at the
-end of the event-loop turn that delivered it (or at the task's `group_limit`) the buffer goes to
-the pool as one job, which calls the task's `group_runner` (a dotted path to
-`runner(messages, failed) -> [(state, value), ...]`) once for the whole group. Groups form only
-from what is already waiting: one message on an idle worker runs at once, alone. A task with
+message in the main process, as Celery's default strategy does, but buffers it instead; a pool
+process that is free takes what waits as one job (at the end of the event-loop turn that
+delivered it, or at once when the task's `group_limit` is reached), which calls the task's
+`group_runner` (a dotted path to `runner(messages, failed) -> [(state, value), ...]`) once for
+the whole group. Groups form while the previous ones are written, as a database's group commit
+does, on any broker: one message on an idle worker runs at once, alone. A task with
 `group_messages = False` keeps Celery's path, one job per message, but its runner still settles
 its hard time limits (see Request).
 
@@ -341,12 +342,22 @@ def _settles_time_limits(request: Any) -> bool:
 
 
 class Grouper:
-    """Buffers Requests in the main process and hands the pool one job per group."""
+    """Buffers Requests in the main process and hands a pool process a group when it is free.
+
+    The database's own group commit: a group forms while the previous one is being written. A
+    message that finds a process free goes out at the end of the loop turn that delivered it
+    (with whatever that turn delivered beside it: one fetch on Redis); messages that arrive while
+    every process is busy wait, and the first process to finish takes everything that waited
+    (up to the group limit). No timer: an idle worker writes a message at once, alone. So
+    groups form on any broker, on RabbitMQ too, where each message is its own delivery.
+    """
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         self.buffered: dict[tuple[Any, ...], list[Any]] = {}
         self.scheduled = False
+        #: Group jobs handed to the pool and not yet settled.
+        self.running = 0
 
     @staticmethod
     def key(request: Any) -> tuple[Any, ...]:
@@ -356,51 +367,71 @@ class Grouper:
         limit = getattr(task, "group_limit", GROUP_LIMIT)
         return (task.group_runner, limit, hard or task.time_limit, soft or task.soft_time_limit)
 
+    @property
+    def free(self) -> int:
+        """Pool processes with no group of ours to write."""
+        processes = max(1, getattr(self.consumer.pool, "num_processes", 1) or 1)
+        return max(0, processes - self.running)
+
     def add(self, request: Any) -> None:
-        """Buffer a request; its group goes out after this turn of the loop, or when full."""
+        """Buffer a request; it goes out at the end of this turn if a process is free, else
+        when one is; a full group goes out at once to a free process."""
         key = self.key(request)
         waiting = self.buffered.setdefault(key, [])
         waiting.append(request)
-        if len(waiting) >= key[1]:
+        if len(waiting) >= key[1] and self.free:
             del self.buffered[key]
-            self.dispatch(key, waiting)
+            self.dispatch(key, waiting, processes=1)
         elif not self.scheduled:
             self.scheduled = True
             self.consumer.hub.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Send every buffered group to the pool."""
+        """Share what waits among the free processes (the rest waits for the next one free)."""
         self.scheduled = False
-        buffered, self.buffered = self.buffered, {}
-        for key, requests in buffered.items():
-            self.dispatch(key, requests)
+        keys = list(self.buffered)
+        for left, key in zip(range(len(keys), 0, -1), keys, strict=True):
+            share = self.free if left == 1 else max(1, self.free // left)
+            if not self.free:
+                return
+            requests = self.buffered.pop(key)
+            self.dispatch(key, requests[: key[1] * share], processes=share)
+            if len(requests) > key[1] * share:
+                self.buffered[key] = requests[key[1] * share :]
 
-    def dispatch(self, key: tuple[Any, ...], requests: list[Any]) -> None:
-        """Hand the pool the requests not revoked meanwhile: one job per process at most."""
+    def dispatch(self, key: tuple[Any, ...], requests: list[Any], processes: int) -> None:
+        """Hand the pool the requests not revoked meanwhile, shared over `processes` jobs."""
         waiting = [request for request in requests if not _revoked(request)]
-        processes = max(1, getattr(self.consumer.pool, "num_processes", 1) or 1)
         size = max(1, min(key[1], -(-len(waiting) // processes)))
         for start in range(0, len(waiting), size):
             self.send(key, waiting[start : start + size])
+
+    def done(self) -> None:
+        """A group job ended: a process is free for what waited meanwhile."""
+        self.running = max(0, self.running - 1)
+        if self.buffered and not self.scheduled:
+            self.flush()
 
     def send(self, key: tuple[Any, ...], group: list[Any], failed: Any = None) -> None:
         """One pool job for `group`; `failed` hands the runner a failure to settle instead."""
         runner, _, hard, soft = key
         messages = [_message(request) for request in group]
+        self.running += 1
         try:
             result = self.consumer.pool.apply_async(
                 run_group,
                 args=(runner, messages, failed),
                 accept_callback=lambda pid, accepted: _accepted(group, pid, accepted),
                 timeout_callback=lambda soft, timeout: _on_timeout(group, soft, timeout),
-                callback=lambda reports: self.on_reports(key, group, reports),
-                error_callback=lambda exc_info: self.on_error(key, group, exc_info),
+                callback=lambda reports: self.ended(self.on_reports, key, group, reports),
+                error_callback=lambda exc_info: self.ended(self.on_error, key, group, exc_info),
                 soft_timeout=soft,
                 timeout=hard,
                 correlation_id=group[0].id,
             )
         except Exception:
             # The pool refused the job (it is shutting down, say): back on the queue.
+            self.running -= 1
             logger.exception("could not hand a group of %d messages to the pool", len(group))
             for request in group:
                 _settle(request, REQUEUE, None, 0.0)
@@ -410,6 +441,14 @@ class Grouper:
         reference = weakref.ref(result) if result is not None else None
         for request in group:
             request._apply_result = reference
+
+    def ended(self, settle: Callable[..., None], *args: Any) -> None:
+        """A group job's callback: settle its messages, then the freed process takes what
+        waited (after settling: a re-sent group goes first)."""
+        try:
+            settle(*args)
+        finally:
+            self.done()
 
     def on_reports(self, key: tuple[Any, ...], group: list[Any], reports: Any) -> None:
         """Settle each message of a group that ran (or split a group whose runner raised)."""
