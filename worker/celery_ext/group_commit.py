@@ -48,6 +48,7 @@ module if Celery grows a grouping Strategy that settles each message on its own.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -358,6 +359,9 @@ class Grouper:
         self.scheduled = False
         #: Group jobs handed to the pool and not yet settled.
         self.running = 0
+        # The threads pool calls back from its threads, while the loop's thread adds; the solo
+        # pool runs a job (and its callback) inside `send`: reentrant.
+        self.lock = threading.RLock()
 
     @staticmethod
     def key(request: Any) -> tuple[Any, ...]:
@@ -377,27 +381,29 @@ class Grouper:
         """Buffer a request; it goes out at the end of this turn if a process is free, else
         when one is; a full group goes out at once to a free process."""
         key = self.key(request)
-        waiting = self.buffered.setdefault(key, [])
-        waiting.append(request)
-        if len(waiting) >= key[1] and self.free:
-            del self.buffered[key]
-            self.dispatch(key, waiting, processes=1)
-        elif not self.scheduled:
-            self.scheduled = True
-            self.consumer.hub.call_soon(self.flush)
+        with self.lock:
+            waiting = self.buffered.setdefault(key, [])
+            waiting.append(request)
+            if len(waiting) >= key[1] and self.free:
+                del self.buffered[key]
+                self.dispatch(key, waiting, processes=1)
+            elif not self.scheduled:
+                self.scheduled = True
+                self.consumer.hub.call_soon(self.flush)
 
     def flush(self) -> None:
         """Share what waits among the free processes (the rest waits for the next one free)."""
-        self.scheduled = False
-        keys = list(self.buffered)
-        for left, key in zip(range(len(keys), 0, -1), keys, strict=True):
-            share = self.free if left == 1 else max(1, self.free // left)
-            if not self.free:
-                return
-            requests = self.buffered.pop(key)
-            self.dispatch(key, requests[: key[1] * share], processes=share)
-            if len(requests) > key[1] * share:
-                self.buffered[key] = requests[key[1] * share :]
+        with self.lock:
+            self.scheduled = False
+            keys = list(self.buffered)
+            for left, key in zip(range(len(keys), 0, -1), keys, strict=True):
+                share = self.free if left == 1 else max(1, self.free // left)
+                if not self.free:
+                    return
+                requests = self.buffered.pop(key)
+                self.dispatch(key, requests[: key[1] * share], processes=share)
+                if len(requests) > key[1] * share:
+                    self.buffered[key] = requests[key[1] * share :]
 
     def dispatch(self, key: tuple[Any, ...], requests: list[Any], processes: int) -> None:
         """Hand the pool the requests not revoked meanwhile, shared over `processes` jobs."""
@@ -408,15 +414,17 @@ class Grouper:
 
     def done(self) -> None:
         """A group job ended: a process is free for what waited meanwhile."""
-        self.running = max(0, self.running - 1)
-        if self.buffered and not self.scheduled:
-            self.flush()
+        with self.lock:
+            self.running = max(0, self.running - 1)
+            if self.buffered and not self.scheduled:
+                self.flush()
 
     def send(self, key: tuple[Any, ...], group: list[Any], failed: Any = None) -> None:
         """One pool job for `group`; `failed` hands the runner a failure to settle instead."""
         runner, _, hard, soft = key
         messages = [_message(request) for request in group]
-        self.running += 1
+        with self.lock:
+            self.running += 1
         try:
             result = self.consumer.pool.apply_async(
                 run_group,
@@ -431,7 +439,8 @@ class Grouper:
             )
         except Exception:
             # The pool refused the job (it is shutting down, say): back on the queue.
-            self.running -= 1
+            with self.lock:
+                self.running -= 1
             logger.exception("could not hand a group of %d messages to the pool", len(group))
             for request in group:
                 _settle(request, REQUEUE, None, 0.0)
