@@ -43,3 +43,29 @@ print("ok")
     assert published == ["STARTED", "SUCCESS"]
     pubsub.close()
     client.close()
+
+
+def test_results_stored_for_a_group_are_what_celery_stores_for_each(redis_url, env, tmp_path):
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    code = f"""
+from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from worker.app import app
+ids = {ids!r}
+outcomes = [({{"outcome": "created"}}, "SUCCESS"), (ValueError("topic: required"), "FAILURE"),
+            (None, "RETRY")]
+# Celery's own store, message by message; the group's, at once.
+celerys = CeleryRedisBackend(app=app, url=app.conf.result_backend)
+for task_id, (result, state) in zip(ids[:3], outcomes):
+    celerys.store_result(task_id, result, state)
+app.backend.store_results([(task_id, result, state) for task_id, (result, state)
+                           in zip(ids[3:], outcomes)])
+print("ok")
+"""
+    assert "ok" in run_python(code, env=env, cwd=tmp_path).stdout
+    client = redis.Redis.from_url(redis_url)
+    metas = [json.loads(client.get(f"celery-task-meta-{task_id}")) for task_id in ids]
+    for celerys, ours in zip(metas[:3], metas[3:], strict=True):
+        assert celerys.keys() == ours.keys()
+        different = {key for key in celerys if celerys[key] != ours[key]}
+        assert different <= {"task_id", "date_done"}, (celerys, ours)
+        assert (celerys["date_done"] is None) == (ours["date_done"] is None)

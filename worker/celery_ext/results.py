@@ -67,10 +67,17 @@ class RedisBackend(CeleryRedisBackend):
             for task_id, result, state in results:
                 self.store_result(task_id, result, state)
             return
-        entries = [
-            self._entry(task_id, self.encode_result(result, state), state)
-            for task_id, result, state in results
-        ]
+        # What Celery's meta holds besides the result (date_done, children, the extended
+        # fields) is the same for every message settled here at once: built once per state.
+        shared: dict[str, dict[str, Any]] = {}
+        entries = []
+        for task_id, result, state in results:
+            if state not in shared:
+                shared[state] = self._get_result_meta(
+                    result=None, state=state, traceback=None, request=None
+                )
+            meta = {**shared[state], "result": self.encode_result(result, state)}
+            entries.append(self._encoded(task_id, meta, state))
         if entries:
             self.ensure(self._run_store_scripts, (entries,))
 
@@ -81,6 +88,9 @@ class RedisBackend(CeleryRedisBackend):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
+        return self._encoded(task_id, meta, state)
+
+    def _encoded(self, task_id: Any, meta: dict[str, Any], state: str) -> tuple[bytes, str, int]:
         meta["task_id"] = bytes_to_str(task_id)
         value = self.encode(meta)
         if len(value) > self._MAX_STR_VALUE_SIZE:
