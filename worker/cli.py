@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import uuid
@@ -246,24 +247,70 @@ def dead_letters_show(letter_id: int) -> None:
 
 @dead_letters.command("replay")
 @click.argument("letter_ids", type=int, nargs=-1)
-@click.option("--all", "replay_all", is_flag=True, help="Every letter not yet replayed.")
+@click.option(
+    "--all", "replay_all", is_flag=True, help="Every letter pending when the replay starts."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=500,
+    show_default=True,
+    help="Letters read, sent and marked replayed together.",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="A line per letter with --all too (always with ids)."
+)
 @clean_errors
-def dead_letters_replay(letter_ids: tuple[int, ...], replay_all: bool) -> None:
-    """Re-enqueue the original arguments of dead letters and mark them replayed."""
+def dead_letters_replay(
+    letter_ids: tuple[int, ...], replay_all: bool, batch_size: int, verbose: bool
+) -> None:
+    """Re-enqueue the original arguments of dead letters and mark them replayed.
+
+    A progress bar on a terminal (stderr), then one summary line. With ids, a line per letter
+    replayed, and an error naming each id that was not.
+    """
     from worker import dead_letters as letters
 
     if bool(letter_ids) == replay_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    replayed = letters.replay(None if replay_all else list(letter_ids))
-    for letter_id, task_id in replayed:
-        click.echo(f"replayed {letter_id} as task {task_id}")
-    skipped = set(letter_ids) - {letter_id for letter_id, _ in replayed}
-    if skipped:
-        listed = ", ".join(map(str, sorted(skipped)))
-        raise click.ClickException(
-            f"not found, already replayed or malformed (nothing to send): {listed}"
+    if replay_all:
+        total, last_id = letters.count_pending()
+        batches = letters.replay(None, up_to=last_id, batch_size=batch_size)
+    else:
+        total = len(set(letter_ids))
+        batches = letters.replay(letter_ids, batch_size=batch_size)
+    each_letter = verbose or not replay_all
+    # Lines per letter on the same terminal would break the bar's line: they are the progress.
+    show_bar = sys.stderr.isatty() and not (each_letter and sys.stdout.isatty())
+    bar = click.progressbar(length=total, label="replaying", file=sys.stderr)
+    replayed, malformed, missing = 0, [], []
+    try:
+        with bar if show_bar else contextlib.nullcontext(bar):
+            for batch in batches:
+                replayed += len(batch.replayed)
+                malformed += batch.malformed
+                missing += batch.missing
+                if show_bar:
+                    bar.update(batch.settled)
+                if each_letter:
+                    for letter_id, task_id in batch.replayed:
+                        click.echo(f"replayed {letter_id} as task {task_id}")
+    finally:
+        # Also after an error or ^C: what was done so far.
+        click.echo(
+            f"replayed {replayed}, skipped {len(malformed)} (malformed: nothing to send), "
+            f"not found or already replayed: {len(missing)}"
         )
-    click.echo(f"{len(replayed)} replayed")
+    if not replay_all and (malformed or missing):
+        reasons = [
+            f"{reason}: {', '.join(map(str, ids))}"
+            for reason, ids in (
+                ("malformed (nothing to send)", malformed),
+                ("not found or already replayed", missing),
+            )
+            if ids
+        ]
+        raise click.ClickException(f"not replayed: {'; '.join(reasons)}")
 
 
 @dead_letters.command("purge")
