@@ -8,6 +8,7 @@ import signal
 import socket
 import uuid
 
+import pytest
 import sqlalchemy as sa
 
 from tests.conftest import count_rows, run_cli, run_python, service_env
@@ -222,3 +223,33 @@ def test_delete_with_wait_prints_the_outcome(env, start_worker, tmp_path):
     first, second = deleted.stdout.splitlines()
     assert first.startswith(f"sent delete of {session_id} as task ")
     assert json.loads(second) == {"id": session_id, "outcome": "deleted", "revision": 1}
+
+
+# The bench starts a worker of its own.
+@pytest.mark.slow
+@pytest.mark.parametrize("producers", [1, 2])
+def test_bench_reports_the_sessions_sent_as_they_go_not_only_at_the_end(
+    db, env, tmp_path, producers
+):
+    # Paced, so that sending lasts over half a second however fast the machine: the bar reports
+    # every 0.1 s.
+    script = f"""
+import json
+from worker.bench import BenchOptions, run
+
+reports = []
+options = BenchOptions(
+    count=600, interval=0.002, producers={producers}, start_worker=True, concurrency=1
+)
+run(options, lambda stage, done, total: reports.append((stage, done, total)))
+print(json.dumps(reports))
+"""
+
+    result = run_python(script, env=env, cwd=tmp_path, timeout=300)
+
+    reports = json.loads(result.stdout.splitlines()[-1])
+    sent = [done for stage, done, total in reports if stage == "sent" and total == 600]
+    assert sent == sorted(set(sent)), sent  # each report a step forward
+    assert sent[-1] == 600
+    assert len([done for done in sent if 0 < done < 600]) >= 3, sent
+    assert count_rows(db) == 0

@@ -62,18 +62,41 @@ def bench_session(text: str, tag: str) -> dict[str, str]:
     return {"id": str(uuid.uuid4()), "topic": "bench", "content": text, "author_id": tag}
 
 
+# Seconds between two reports of a sending loop: the bar moves, the loop does not slow down.
+REPORT_EVERY = 0.1
+
+
+class _Every:
+    """Passes a sending loop's count on to `report` at most once every `seconds`."""
+
+    def __init__(self, seconds: float, report: Callable[[int], None]) -> None:
+        self.seconds = seconds
+        self.report = report
+        self.due = time.monotonic() + seconds
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now >= self.due:
+            self.due = now + self.seconds
+            self.report(done)
+
+
 def _send_share(
     args: tuple[str, str, int, int, int, int, float],
+    on_sent: Callable[[int], None] = lambda _: None,
 ) -> list[tuple[str, float]]:
-    """Producer process: send sessions [start, stop) and return (id, send time) pairs."""
+    """Producer process: send sessions [start, stop) and return (id, send time) pairs; tell
+    `on_sent` how many are sent so far every REPORT_EVERY seconds (never the last count)."""
     tag, task, start, stop, size, batch_size, interval = args
     from worker.app import app
 
     text = content(size)
     sent: list[tuple[str, float]] = []
+    tick = _Every(REPORT_EVERY, on_sent)
     with app.producer_or_acquire() as producer:
         if task == "save":
             for _index in range(start, stop):
+                tick(len(sent))
                 session = bench_session(text, tag)
                 sent.append((session["id"], time.time()))
                 app.send_task(
@@ -83,6 +106,7 @@ def _send_share(
                     time.sleep(interval)  # paced: the latency of a lightly loaded worker
         else:
             for first in range(start, stop, batch_size):
+                tick(len(sent))
                 batch = [
                     bench_session(text, tag) for _ in range(first, min(first + batch_size, stop))
                 ]
@@ -95,6 +119,50 @@ def _send_share(
                     argsrepr=f"[bench x{len(batch)}]",
                 )
     return sent
+
+
+# In a producer process of a run with several: the run's count of sessions sent so far.
+_sent_count: Any = None
+
+
+def _share_count(count: Any) -> None:
+    """Producer pool initializer: the shared count goes by inheritance, not through map()."""
+    global _sent_count
+    _sent_count = count
+
+
+def _send_counted_share(
+    args: tuple[str, str, int, int, int, int, float],
+) -> list[tuple[str, float]]:
+    """_send_share in a producer process of several, adding its progress to the shared count."""
+    counted = 0
+
+    def add(done: int) -> None:
+        nonlocal counted
+        with _sent_count.get_lock():
+            _sent_count.value += done - counted
+        counted = done
+
+    return _send_share(args, add)
+
+
+def _send_shares(
+    jobs: list[tuple[str, str, int, int, int, int, float]], on_sent: Callable[[int], None]
+) -> list[tuple[str, float]]:
+    """Send every share, one producer process per share; report the count sent as it grows."""
+    if len(jobs) == 1:
+        return _send_share(jobs[0], on_sent)
+    context = multiprocessing.get_context("spawn")
+    count = context.Value("q", 0)
+    with context.Pool(len(jobs), _share_count, (count,)) as pool:
+        parts = pool.map_async(_send_counted_share, jobs)
+        reported = 0
+        while not parts.ready():
+            parts.wait(REPORT_EVERY)
+            if count.value != reported:
+                reported = count.value
+                on_sent(reported)
+        return [pair for part in parts.get() for pair in part]
 
 
 def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> BenchReport:
@@ -111,11 +179,7 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         ]
         sampler = _ConnectionSampler()
         first_send = time.time()
-        if options.producers == 1:
-            sent = _send_share(jobs[0])
-        else:
-            with multiprocessing.get_context("spawn").Pool(options.producers) as pool:
-                sent = [pair for part in pool.map(_send_share, jobs) for pair in part]
+        sent = _send_shares(jobs, lambda done: progress("sent", done, options.count))
         send_seconds = time.time() - first_send
         progress("sent", len(sent), options.count)
         if options.start_worker and options.prefill:
