@@ -204,6 +204,9 @@ def queued_session_ids(redis_url: str) -> list[str]:
         assert message["headers"]["task"] == "writing_sessions.save"
         args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
         ids.append(args[0]["id"])
+        # Flower and the logs see a preview, as of a producer's message, never the content.
+        assert args[0]["content"] not in message["headers"]["argsrepr"]
+        assert "chars>" in message["headers"]["argsrepr"]
     return ids
 
 

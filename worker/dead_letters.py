@@ -15,6 +15,7 @@ from worker import store
 from worker.celery_ext.malformed import MalformedMessage
 from worker.db import task_db
 from worker.models import DeadLetter
+from worker.producer import preview
 from worker.times import utcnow
 
 if TYPE_CHECKING:
@@ -148,7 +149,11 @@ def _send(app: Celery, producer: Any, rows: Sequence[Row[int, str, str]]) -> Rep
                 batch.malformed.append(letter_id)  # nothing that could be sent again
                 continue
             result = app.send_task(
-                task_name, args=message["args"], kwargs=message["kwargs"], producer=producer
+                task_name,
+                args=message["args"],
+                kwargs=message["kwargs"],
+                producer=producer,
+                argsrepr=preview(message["args"]),  # Flower and logs: no content, as producers
             )
             batch.replayed.append((letter_id, result.id))
     finally:
