@@ -34,6 +34,11 @@ OVERRIDDEN = [
     ("kombu.transport.redis:Channel.__init__", "(self, *args, **kwargs)", "f189bdebe2436ccd"),
     ("kombu.transport.redis:Channel._size", "(self, queue)", "7cc839b42fdc5e3b"),
     (
+        "kombu.transport.redis:Channel._put",
+        "(self, queue, message, **kwargs)",
+        "1c0cf9749576614c",
+    ),
+    (
         "kombu.transport.redis:Channel._queue_bind",
         "(self, exchange, routing_key, pattern, queue)",
         "29b73e023af67e47",
@@ -202,6 +207,11 @@ USED = [
     ("kombu.transport.redis:Mutex", "(client, name, expire)"),
     ("kombu.transport.virtual.base:Channel._lookup", "(self, exchange, routing_key, default=None)"),
     ("kombu.transport.redis:SentinelChannel._get_pool", "(self, asynchronous=False)"),
+    # worker/metrics.py: the value class of multiprocess mode, chosen after the import.
+    (
+        "prometheus_client.values:MultiProcessValue",
+        "(process_identifier=<built-in function getpid>)",
+    ),
     ("celery.worker.consumer.consumer:Consumer._flush_events", "(self)"),
     (
         "celery.backends.redis:RedisBackend._get_result_meta",
@@ -311,6 +321,9 @@ ATTRIBUTES = [
     ("billiard.pool:ApplyResult", "_write_to", "celery.concurrency.asynpool"),
     ("celery.worker.request:Request", "_apply_result", "celery.worker.request:Request"),
     ("celery.backends.redis:RedisBackend", "_MAX_STR_VALUE_SIZE", "celery.backends.redis"),
+    # worker/metrics.py replaces this module global (picked at import from
+    # PROMETHEUS_MULTIPROC_DIR) before it makes its metrics.
+    ("prometheus_client.values", "ValueClass", "prometheus_client.values"),
 ]
 
 
@@ -323,6 +336,17 @@ def test_a_private_attribute_the_extensions_use_is_still_assigned_upstream(owner
     assert re.search(rf"\.{attribute}\s*=", source) or re.search(
         rf"^\s*{attribute}\s*=", source, re.M
     ), f"{where} no longer assigns {attribute}: read the extension that uses {owner}.{attribute}"
+
+
+def test_prometheus_metrics_take_the_value_class_when_they_are_made():
+    # worker/metrics.py switches values.ValueClass after prometheus_client was imported:
+    # only metrics that look the module global up when made get the new class.
+    source = inspect.getsource(importlib.import_module("prometheus_client.metrics"))
+
+    assert "values.ValueClass(" in source and "import ValueClass" not in source, (
+        "prometheus_client.metrics no longer reads values.ValueClass when a metric is made: "
+        "read worker/metrics.py serve() again"
+    )
 
 
 def test_the_sentinel_channel_keeps_every_option_kombus_sentinel_channel_takes():

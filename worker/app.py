@@ -8,8 +8,15 @@ app = Celery("writing_sessions")
 app.config_from_object("celeryconfig")
 # worker.db ties the per-process engine to the worker signals; worker.migrate checks the schema
 # before consuming; worker.logs writes one line per task outcome; worker.celery_ext.stop makes a
-# SIGTERM to the whole process group a warm shutdown. Workers import them; producers never do.
-app.conf.imports = ("worker.db", "worker.migrate", "worker.logs", "worker.celery_ext.stop")
+# SIGTERM to the whole process group a warm shutdown; worker.metrics serves Prometheus metrics
+# when WRITING_SESSIONS_METRICS_PORT is set. Workers import them; producers never do.
+app.conf.imports = (
+    "worker.db",
+    "worker.migrate",
+    "worker.logs",
+    "worker.celery_ext.stop",
+    "worker.metrics",
+)
 app.conf.include = ("tasks.writing_sessions",)
 # Not a Celery setting but celery_ext/consumer.py's: a message that cannot be turned into a task
 # request (a body that is not [args, kwargs, embed], an unknown task name, undecodable content)

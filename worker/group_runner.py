@@ -21,6 +21,7 @@ from celery import states
 from worker import store, tracing
 from worker.celery_ext.group_commit import Decision, Message
 from worker.db import task_db
+from worker.metrics import observe_group
 from worker.schemas import parse_delete, parse_writing_session
 from worker.task import add_dead_letter, is_transient, settle_failure
 from worker.times import utcnow
@@ -38,6 +39,7 @@ def run_group(messages: list[Message], failed: BaseException | None = None) -> l
     """
     if failed is not None:
         return [_settle_failure(message, failed) for message in messages]
+    observe_group(len(messages))
     now = utcnow()
     rows = [parse_row(message, now) for message in messages]
     try:

@@ -33,6 +33,8 @@ What kombu's transport (kombu/transport/redis.py, 5.7) does, and what this one d
    flag), lengths are read without a transaction, and a refused sweep, heartbeat, settlement or
    binding is logged and tried again: the worker drains the backlog that filled Redis, which is
    what frees it. MISCONF (a failing disk) and READONLY (a replica) refusals take the same road.
+7. Its envelopes say nothing of when they were sent. Here each is stamped (`ENQUEUED_AT`), and
+   `Channel.waiting` reads what waits, for monitoring: how much, and how old.
 
 Messages are recorded in kombu's own format (`unacked`: tag -> [message, exchange, routing key],
 `unacked_index`: tag -> time), so workers on kombu's stock transport sharing the Redis restore
@@ -64,6 +66,7 @@ from queue import Empty
 from typing import Any, cast
 
 from celery import signals
+from celery.utils.dispatch import Signal
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -95,6 +98,14 @@ REFUSAL_WARNING_SECONDS = 30.0
 # script's first write refused by OOM would leave the RPOP before it done: a message lost.)
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 _MOVING_SCRIPTS = frozenset(("fetch", "requeue", "restore"))
+
+#: The envelope property holding when a message was put on its list (time.time(), the sender's
+#: clock): kombu's Redis envelopes carry no send time, and a monitor wants the age of what waits.
+ENQUEUED_AT = "x-enqueued-at"
+
+#: Sent with `count` (sender: the Channel) each time a heartbeat restore put messages of a silent
+#: consumer back on their queues, in the process that restored them.
+messages_restored = Signal(name="messages_restored", providing_args={"count"})
 
 _last_warned: dict[str, float] = {}
 # The channels that heartbeat, for the warm shutdown to keep them beating (Channel.keep_beating).
@@ -531,6 +542,29 @@ class Channel(kombu_redis.Channel):
             self._forget_on_delivery(message.delivery_tag)
         return message
 
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        # Stamped on every list it goes to; a requeue or a restore keeps the first stamp.
+        message["properties"][ENQUEUED_AT] = time.time()
+        super()._put(queue, message, **kwargs)
+
+    def waiting(self, queues: list[str]) -> tuple[list[tuple[str, int, int, Any]], int]:
+        """What waits, for monitoring: per queue and priority step, its list's length and the
+        message it delivers next (raw, None when empty); and how many messages consumers hold
+        unacknowledged. One round trip, without a transaction (a full Redis answers it)."""
+        lists = [(queue, pri) for queue in queues for pri in self.priority_steps]
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for queue, pri in lists:
+                key = self._q_for_pri(queue, pri)
+                pipe.llen(key)
+                pipe.lindex(key, -1)  # RPOP's end: the fetch takes from the tail
+            pipe.hlen(self.unacked_key)
+            *replies, unacked = pipe.execute()
+        return [
+            (queue, pri, replies[2 * index], replies[2 * index + 1])
+            for index, (queue, pri) in enumerate(lists)
+        ], unacked
+
     def _size(self, queue: str) -> int:
         # kombu reads the lengths in a MULTI/EXEC, and Redis at maxmemory refuses every command
         # queued in a transaction, reads included: at start-up (the queue's declaration) that
@@ -722,6 +756,8 @@ class Channel(kombu_redis.Channel):
             if done == -1:
                 break  # it beat again: alive after all (a stall, a slow loop)
             restored += done
+            if done:
+                messages_restored.send(sender=self, count=done)
         else:
             keys = [self._heartbeats_key, owner]
             self._evalsha(client, "forget", FORGET, [len(keys), *keys, consumer])
