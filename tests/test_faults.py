@@ -20,7 +20,6 @@ import sys
 import tempfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,6 @@ from tests.conftest import (
     worker_connections,
 )
 from tests.faults import (
-    RabbitVhost,
     duplicates,
     held_by,
     kill9,
@@ -196,9 +194,15 @@ def test_kill_9_of_the_main_process_every_held_message_comes_back_by_heartbeat(
     worker = start_worker(concurrency=2)
     sent = 0
     for repetition in range(5):
-        # Enough that the worker is still busy when the test, slowed by a loaded machine, kills.
+        # A backlog, queued while the children are stopped: the worker, faster than one
+        # producer, would otherwise keep up with the fill and hold nothing at the kill.
         payloads = [new_session() for _ in range(3000)]
+        children = worker.children()
+        for child in children:
+            os.kill(child, signal.SIGSTOP)
         fill(app, payloads)
+        for child in children:
+            os.kill(child, signal.SIGCONT)
 
         wait_for(
             lambda s=sent, w=worker: count_rows(db) >= s + 400 and held_by(broker, w.pid) > 0,
@@ -517,13 +521,6 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
     )
 
 
-@pytest.fixture
-def rabbit(redis_url: str) -> Iterator[RabbitVhost]:
-    vhost = RabbitVhost()
-    yield vhost
-    vhost.delete()
-
-
 def test_rabbitmq_end_to_end_with_kills_of_a_child_and_the_main_process(
     db, database_url, redis_url, rabbit, start_worker
 ):
@@ -531,8 +528,10 @@ def test_rabbitmq_end_to_end_with_kills_of_a_child_and_the_main_process(
         DATABASE_URL=database_url, CELERY_BROKER_URL=rabbit.url, CELERY_RESULT_BACKEND=redis_url
     )
     payloads = [new_session() for _ in range(3000)]
-    worker = start_worker(concurrency=2, base_env=env)
+    # A backlog queued before the worker starts: it would otherwise keep up with one producer
+    # and hold nothing at the kills.
     fill(client(rabbit.url, redis_url), payloads)
+    worker = start_worker(concurrency=2, base_env=env)
 
     wait_for(lambda: count_rows(db) >= 500, 120, "500 rows before killing a child")
     held_at_child_kill = rabbit.unacknowledged()

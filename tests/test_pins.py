@@ -318,6 +318,8 @@ ATTRIBUTES = [
     ("celery.concurrency.prefork:TaskPool", "_pool", "celery.concurrency.prefork:TaskPool"),
     ("billiard.pool:Pool", "_cache", "billiard.pool:Pool"),
     ("billiard.pool:ApplyResult", "_accepted", "billiard.pool:ApplyResult"),
+    # group_commit.Grouper.closed: a job the pool forgot is no longer under its id in `_cache`.
+    ("billiard.pool:ApplyResult", "_job", "billiard.pool:ApplyResult"),
     ("billiard.pool:ApplyResult", "_write_to", "celery.concurrency.asynpool"),
     ("celery.worker.request:Request", "_apply_result", "celery.worker.request:Request"),
     ("celery.backends.redis:RedisBackend", "_MAX_STR_VALUE_SIZE", "celery.backends.redis"),

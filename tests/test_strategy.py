@@ -64,6 +64,8 @@ class Job:
     target: Any
     args: tuple[Any, ...]
     options: dict[str, Any]
+    #: Its id in the pool's cache, as billiard's ApplyResult has it.
+    _job: int = 0
 
     @property
     def runner(self) -> str:
@@ -90,7 +92,7 @@ class Pool:
     jobs: list[Job] = field(default_factory=list)
 
     def apply_async(self, target: Any, args: tuple[Any, ...] = (), **options: Any) -> Job:
-        job = Job(target, args, options)
+        job = Job(target, args, options, _job=len(self.jobs) + 1)
         self.jobs.append(job)
         return job  # the Strategy keeps a weak reference to it, as to billiard's ApplyResult
 
@@ -321,6 +323,35 @@ def test_messages_that_arrive_while_every_process_is_busy_wait_and_go_out_togeth
     assert [job.ids for job in consumer.jobs] == [[first], later]  # all that waited, together
     consumer.jobs[1].finish()
     assert len(consumer.jobs) == 2 and consumer.hub.soon == []
+
+
+def test_a_closed_channel_drops_what_waits_and_the_jobs_the_pool_forgot(consumer, deliver):
+    # A lost connection: Celery's on_close flushes the pool, which forgets the jobs no child took
+    # (their callbacks never come), and what waits here can no longer be acknowledged.
+    (sent,) = deliver("t.grouped", 1)
+    consumer.hub.end_turn()
+    deliver("t.grouped", 2, 3)  # the one process is busy: these wait
+    consumer.hub.end_turn()
+    assert [job.ids for job in consumer.jobs] == [[sent]]
+
+    group_commit.connection_closed(consumer, cache={})  # the pool forgot the job
+
+    (after,) = deliver("t.grouped", 4)  # redelivered or new: a process is free again
+    consumer.hub.end_turn()
+    assert [job.ids for job in consumer.jobs] == [[sent], [after]]
+
+
+def test_a_closed_channel_keeps_counting_the_jobs_a_child_still_runs(consumer, deliver):
+    (sent,) = deliver("t.grouped", 1)
+    consumer.hub.end_turn()
+    kept = {consumer.jobs[0]._job: consumer.jobs[0]}
+
+    group_commit.connection_closed(consumer, cache=kept)
+    (waiting,) = deliver("t.grouped", 2)
+    consumer.hub.end_turn()
+    assert [job.ids for job in consumer.jobs] == [[sent]]  # the process is still busy
+    consumer.jobs[0].finish()
+    assert [job.ids for job in consumer.jobs] == [[sent], [waiting]]
 
 
 def test_what_waited_is_shared_among_the_processes_free_and_the_rest_waits_for_the_next(app):

@@ -34,7 +34,7 @@ from billiard.einfo import ExceptionInfo
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.common import ignore_errors
 
-from worker.celery_ext import malformed
+from worker.celery_ext import group_commit, malformed
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class Consumer(CeleryConsumer):
         super().on_close()
         if cache is not None:
             cache.update(written)
+        # Celery dropped its reserved requests; group commit drops what waits for a process and
+        # stops counting the jobs the pool forgot.
+        group_commit.connection_closed(self, cache)
 
     def shutdown(self) -> None:
         # The events of the last tasks, before the events step closes the dispatcher.

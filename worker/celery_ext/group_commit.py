@@ -302,6 +302,12 @@ def _needs_celery(embed: dict[str, Any]) -> bool:
 _process_grouper: Grouper | None = None
 
 
+def connection_closed(consumer: Any, cache: Any) -> None:
+    """Tell the worker's grouper that `consumer` closed its channel (consumer.py's on_close)."""
+    if _process_grouper is not None and _process_grouper.consumer is consumer:
+        _process_grouper.closed(cache)
+
+
 def _grouper(consumer: Any) -> Grouper:
     global _process_grouper
     if _process_grouper is None or _process_grouper.consumer is not consumer:
@@ -357,8 +363,9 @@ class Grouper:
         self.consumer = consumer
         self.buffered: dict[tuple[Any, ...], list[Any]] = {}
         self.scheduled = False
-        #: Group jobs handed to the pool and not yet settled.
-        self.running = 0
+        #: Group jobs handed to the pool and not yet settled: a token each, with the pool's
+        #: ApplyResult once apply_async returned it (the solo pool returns none).
+        self.jobs: dict[object, Any] = {}
         # The threads pool calls back from its threads, while the loop's thread adds; the solo
         # pool runs a job (and its callback) inside `send`: reentrant.
         self.lock = threading.RLock()
@@ -370,6 +377,11 @@ class Grouper:
         hard, soft = request.time_limits
         limit = getattr(task, "group_limit", GROUP_LIMIT)
         return (task.group_runner, limit, hard or task.time_limit, soft or task.soft_time_limit)
+
+    @property
+    def running(self) -> int:
+        """Group jobs in the pool."""
+        return len(self.jobs)
 
     @property
     def free(self) -> int:
@@ -412,27 +424,40 @@ class Grouper:
         for start in range(0, len(waiting), size):
             self.send(key, waiting[start : start + size])
 
-    def done(self) -> None:
+    def done(self, token: object) -> None:
         """A group job ended: a process is free for what waited meanwhile."""
         with self.lock:
-            self.running = max(0, self.running - 1)
+            self.jobs.pop(token, None)
             if self.buffered and not self.scheduled:
                 self.flush()
+
+    def closed(self, cache: Any) -> None:
+        """The consumer closed its channel (a lost connection, a shutdown): what waits here can
+        no longer be acknowledged (the broker redelivers it), and jobs the pool forgot (not in
+        its `cache` any more: billiard's ApplyResults by job id) will never call back."""
+        with self.lock:
+            self.buffered.clear()
+            if cache is None:
+                return
+            for token, result in list(self.jobs.items()):
+                if result is not None and result._job not in cache:
+                    del self.jobs[token]
 
     def send(self, key: tuple[Any, ...], group: list[Any], failed: Any = None) -> None:
         """One pool job for `group`; `failed` hands the runner a failure to settle instead."""
         runner, _, hard, soft = key
         messages = [_message(request) for request in group]
+        token = object()
         with self.lock:
-            self.running += 1
+            self.jobs[token] = None
         try:
             result = self.consumer.pool.apply_async(
                 run_group,
                 args=(runner, messages, failed),
                 accept_callback=lambda pid, accepted: _accepted(group, pid, accepted),
                 timeout_callback=lambda soft, timeout: _on_timeout(group, soft, timeout),
-                callback=lambda reports: self.ended(self.on_reports, key, group, reports),
-                error_callback=lambda exc_info: self.ended(self.on_error, key, group, exc_info),
+                callback=lambda reports: self.ended(token, self.on_reports, key, group, reports),
+                error_callback=lambda exc: self.ended(token, self.on_error, key, group, exc),
                 soft_timeout=soft,
                 timeout=hard,
                 correlation_id=group[0].id,
@@ -440,7 +465,7 @@ class Grouper:
         except Exception:
             # The pool refused the job (it is shutting down, say): back on the queue.
             with self.lock:
-                self.running -= 1
+                self.jobs.pop(token, None)
             logger.exception("could not hand a group of %d messages to the pool", len(group))
             for request in group:
                 _settle(request, REQUEUE, None, 0.0)
@@ -450,14 +475,17 @@ class Grouper:
         reference = weakref.ref(result) if result is not None else None
         for request in group:
             request._apply_result = reference
+        with self.lock:
+            if result is not None and token in self.jobs:
+                self.jobs[token] = result
 
-    def ended(self, settle: Callable[..., None], *args: Any) -> None:
+    def ended(self, token: object, settle: Callable[..., None], *args: Any) -> None:
         """A group job's callback: settle its messages, then the freed process takes what
         waited (after settling: a re-sent group goes first)."""
         try:
             settle(*args)
         finally:
-            self.done()
+            self.done(token)
 
     def on_reports(self, key: tuple[Any, ...], group: list[Any], reports: Any) -> None:
         """Settle each message of a group that ran (or split a group whose runner raised)."""
