@@ -15,6 +15,7 @@ sides drain a pre-filled queue (rows/s from the first commit to the last):
   turn of the event loop delivered, no events or results) on Redis and in memory;
 - `save_many`: writing-sessions bench --prefill, batches of 1,000;
 - light load: 200 `save` messages sent 20 ms apart to an idle worker, latency send to commit;
+- `save` again on RabbitMQ (--rabbitmq) and with `-P threads` (--threads);
 - `psycopg2 loop`: one upsert and one commit per row, N processes;
 - `psycopg2 batched`: multi-row upserts of 1,000 rows, N processes.
 The table is vacuumed before every side (deleted rows of the previous side slow the next).
@@ -171,9 +172,20 @@ def last_json_line(*command: str) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def bench(*args: str) -> dict:
+def bench(*args: str, broker: str | None = None) -> dict:
     vacuum()
-    return last_json_line(CLI, "bench", "--json", "--start-worker", "--prefill", *args)
+    command = (CLI, "bench", "--json", "--start-worker", "--prefill", *args)
+    if broker is None:
+        return last_json_line(*command)
+    # The same side on another broker: the producer and the worker it starts both read it.
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "CELERY_BROKER_URL": broker},
+    )
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def celery_floor(rows: int, concurrency: str, pool: str, *options: str) -> float:
@@ -200,6 +212,14 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=100_000, help="rows per batched run")
     parser.add_argument("-c", "--concurrency", type=int, default=2)
     parser.add_argument("--pool", default="prefork")
+    parser.add_argument(
+        "--rabbitmq",
+        default="amqp://guest:guest@127.0.0.1:5672//",
+        help="broker URL of the `save` side on RabbitMQ ('' leaves it out)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=8, help="threads of the `save -P threads` side (0: none)"
+    )
     options = parser.parse_args()
     c = str(options.concurrency)
     grouped_rows = options.rows * 4  # a grouped drain is short: give it more to time
@@ -232,8 +252,22 @@ def main() -> None:
             "--interval",
             "0.02",
         )
+        rabbit = (
+            bench(
+                "-c", c, "-P", options.pool, "--count", str(options.rows), broker=options.rabbitmq
+            )
+            if options.rabbitmq
+            else None
+        )
+        threads = (
+            bench("-c", str(options.threads), "-P", "threads", "--count", str(options.rows))
+            if options.threads
+            else None
+        )
         results = {
             "save rows/s": save["drain_rows_per_second"],
+            "save CPU/msg main us": save["cpu_us_per_message"]["main"],
+            "save CPU/msg children us": save["cpu_us_per_message"]["children"],
             "light load p50 ms": light["latency_ms"]["p50"],
             "light load p99 ms": light["latency_ms"]["p99"],
             "dramatiq rows/s": dramatiq_side(options.rows, options.concurrency),
@@ -262,6 +296,12 @@ def main() -> None:
             ),
             "db connections (most)": save["max_db_connections"],
         }
+        if rabbit:
+            results["save on RabbitMQ rows/s"] = rabbit["drain_rows_per_second"]
+        if threads:
+            results[f"save -P threads -c {options.threads} rows/s"] = threads[
+                "drain_rows_per_second"
+            ]
         print(
             f"run {run + 1}: " + json.dumps({k: round(v, 1) for k, v in results.items()}),
             flush=True,
@@ -289,6 +329,15 @@ def main() -> None:
         f"  grouped no-op: redis / in-memory      "
         f"{medians['grouped no-op msgs/s'] / medians['grouped no-op in-memory msgs/s']:>10.3f}"
     )
+    print(
+        f"  save / grouped no-op floor            "
+        f"{medians['save rows/s'] / medians['grouped no-op msgs/s']:>10.3f}"
+    )
+    if "save on RabbitMQ rows/s" in medians:
+        print(
+            f"  save: RabbitMQ / Redis                "
+            f"{medians['save on RabbitMQ rows/s'] / medians['save rows/s']:>10.3f}"
+        )
     print(
         f"  save / psycopg2 loop                  "
         f"{medians['save rows/s'] / medians['psycopg2 loop rows/s']:>10.3f}"

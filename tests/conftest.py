@@ -223,6 +223,16 @@ def private_redis(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
+def rabbit() -> Iterator[Any]:
+    """A RabbitMQ virtual host of the test's own (tests.faults.RabbitVhost), deleted after."""
+    from tests.faults import RabbitVhost  # tests/faults.py imports this module
+
+    vhost = RabbitVhost()
+    yield vhost
+    vhost.delete()
+
+
+@pytest.fixture
 def env(database_url: str, redis_url: str, db: sa.Engine) -> dict[str, str]:
     """The environment of a worker or CLI of this test."""
     return service_env(

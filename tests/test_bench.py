@@ -53,10 +53,13 @@ def test_bench_with_its_own_worker_reports_every_figure_and_removes_its_rows(
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert 1 <= report["max_db_connections"] <= 2
     assert "main" in report["peak_worker_rss_mb"] and len(report["peak_worker_rss_mb"]) == 3
+    # Writing 200 sessions costs the worker's processes some CPU, each kind its own share.
+    assert set(report["cpu_us_per_message"]) == {"main", "children"}
+    assert all(spent > 0 for spent in report["cpu_us_per_message"].values())
     assert count_rows(db) == 0
 
 
-def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
+def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env, rabbit):
     # benchmarks/run.py as documented in benchmarks/README.md, tiny: every side must finish
     # and clean up. The figures of so small a run mean nothing and are not looked at.
     result = subprocess.run(
@@ -69,6 +72,10 @@ def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
             "200",
             "--batch-rows",
             "2000",
+            "--rabbitmq",
+            rabbit.url,
+            "--threads",
+            "4",
         ],
         env=env,
         cwd=ROOT,
@@ -80,7 +87,10 @@ def test_benchmarks_run_completes_every_side_and_prints_the_ratios(db, env):
     assert result.returncode == 0, result.stderr
     for side in ("save rows/s", "dramatiq rows/s", "celery no-op floor", "psycopg2 batched"):
         assert side in result.stdout
-    assert "save_many / psycopg2 batched" in result.stdout
+    for side in ("save on RabbitMQ rows/s", "save -P threads -c 4 rows/s", "save CPU/msg main"):
+        assert side in result.stdout
+    for ratio in ("save_many / psycopg2 batched", "save: RabbitMQ / Redis", "save / grouped no-op"):
+        assert ratio in result.stdout
     assert count_rows(db) == 0
 
 

@@ -17,7 +17,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import new_session, send_save, wait_for
-from tests.faults import RabbitVhost, free_port
+from tests.faults import free_port
 from tests.test_broker import QUEUE, Received, drain, hold_and_die, ours, publish
 from worker.celery_ext import broker
 from worker.metrics import Backlog
@@ -196,13 +196,6 @@ def test_an_unreadable_broker_or_database_counts_a_scrape_error_and_the_scrape_g
     assert value(collected, "writing_sessions_scrape_errors_total", source="database") == 2
     names = {name for name, _ in collected}
     assert names == {"writing_sessions_scrape_errors_total"}
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitVhost]:
-    vhost = RabbitVhost()
-    yield vhost
-    vhost.delete()
 
 
 def test_on_rabbitmq_the_queue_depth_comes_from_a_passive_declare(rabbit, database_url, db):

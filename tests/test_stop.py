@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import count_rows, new_session, run_cli, service_env, wait_for
-from tests.faults import RabbitVhost, duplicates, report
+from tests.faults import duplicates, report
 from tests.test_embedded import rows, send
 from tests.test_faults import client, fill
 
@@ -37,13 +36,6 @@ def stop_the_group(worker) -> float:
     assert "WorkerLostError" not in log
     assert "left to the main process" in log, "the children must have been signalled too"
     return took
-
-
-@pytest.fixture
-def rabbit() -> Iterator[RabbitVhost]:
-    vhost = RabbitVhost()
-    yield vhost
-    vhost.delete()
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])

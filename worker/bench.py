@@ -46,6 +46,9 @@ class BenchReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     max_db_connections: int = 0
     peak_worker_rss_mb: dict[str, float] = field(default_factory=dict)
+    #: CPU of the started worker per message, µs, by process kind (main, children), from
+    #: /proc: what it spent from answering its first ping to the last row landed.
+    cpu_us_per_message: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,12 +187,14 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         progress("sent", len(sent), options.count)
         if options.start_worker and options.prefill:
             worker = start_worker(options.pool, options.concurrency)
+        cpu_at_start = _cpu_seconds(worker) if worker else {}
 
         def on_count(landed: int) -> None:
             sampler.sample()
             progress("persisted", landed, options.count)
 
         wait_for_rows(tag, options.count, options.timeout, on_count)
+        cpu_at_end = _cpu_seconds(worker) if worker else {}
         created = commit_times(tag)
         sent_at = dict(sent)
         last_commit = max(created.values())
@@ -218,6 +223,10 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
             },
             max_db_connections=sampler.most,
             peak_worker_rss_mb=_peak_rss(worker) if worker else {},
+            cpu_us_per_message={
+                kind: round((cpu_at_end[kind] - cpu_at_start.get(kind, 0.0)) * 1e6 / messages, 1)
+                for kind in cpu_at_end
+            },
         )
     finally:
         if worker:
@@ -363,14 +372,35 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
         process.wait(10)
 
 
+def _worker_pids(process: subprocess.Popen[bytes]) -> list[int]:
+    """The worker's main process, then its pool children."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    try:
+        return [process.pid] + [int(p) for p in children.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _cpu_seconds(process: subprocess.Popen[bytes]) -> dict[str, float]:
+    """CPU seconds (user and system) so far of the worker's main process and of its children
+    together (children replaced meanwhile are not counted: the bench worker replaces none)."""
+    spent = {"main": 0.0, "children": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in _worker_pids(process):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        # utime and stime: fields 14 and 15 of stat, 12 and 13 after the command's ")".
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        spent["main" if pid == process.pid else "children"] += seconds
+    return spent
+
+
 def _peak_rss(process: subprocess.Popen[bytes]) -> dict[str, float]:
     """VmHWM (peak resident set) of the worker's main process and of each child, in MB."""
     peaks: dict[str, float] = {}
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    pids = (
-        [process.pid] + [int(p) for p in children.read_text().split()] if children.exists() else []
-    )
-    for pid in pids:
+    for pid in _worker_pids(process):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:

@@ -395,6 +395,8 @@ def bench(as_json: bool, **options: Any) -> None:
         f"  db connections: {report.max_db_connections} (most held by workers)\n"
         f"  peak RSS:       "
         + (", ".join(f"{k} {v} MB" for k, v in report.peak_worker_rss_mb.items()) or "n/a")
+        + "\n  CPU/message:    "
+        + (", ".join(f"{k} {v} µs" for k, v in report.cpu_us_per_message.items()) or "n/a")
     )
 
 
