@@ -47,7 +47,7 @@ class BenchReport:
     max_db_connections: int = 0
     peak_worker_rss_mb: dict[str, float] = field(default_factory=dict)
     #: CPU of the started worker per message, µs, by process kind (main, children), from
-    #: /proc: what it spent from answering its first ping to the last row landed.
+    #: /proc: what it spent from answering its first ping (start-up excluded) to the last row.
     cpu_us_per_message: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +67,8 @@ def bench_session(text: str, tag: str) -> dict[str, str]:
 
 # Seconds between two reports of a sending loop: the bar moves, the loop does not slow down.
 REPORT_EVERY = 0.1
+#: The queue a --prefill worker starts on (nobody sends to it) until everything is sent.
+IDLE_QUEUE = "writing-sessions-bench-idle"
 
 
 class _Every:
@@ -172,8 +174,12 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
     """Send, wait for every row, measure, clean up."""
     tag = f"bench-{uuid.uuid4().hex[:12]}"
     worker = None
-    if options.start_worker and not options.prefill:
-        worker = start_worker(options.pool, options.concurrency)
+    if options.start_worker:
+        # With --prefill the worker starts consuming only once everything is sent: it starts
+        # on a queue nobody sends to, so that its start-up CPU is measured apart.
+        idle = ("-Q", IDLE_QUEUE) if options.prefill else ()
+        worker = start_worker(options.pool, options.concurrency, *idle)
+    cpu_at_start = _cpu_seconds(worker) if worker else {}
     try:
         shares = _split(options.count, options.producers)
         jobs = [
@@ -185,9 +191,8 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
         sent = _send_shares(jobs, lambda done: progress("sent", done, options.count))
         send_seconds = time.time() - first_send
         progress("sent", len(sent), options.count)
-        if options.start_worker and options.prefill:
-            worker = start_worker(options.pool, options.concurrency)
-        cpu_at_start = _cpu_seconds(worker) if worker else {}
+        if worker and options.prefill:
+            consume(worker, "celery")
 
         def on_count(landed: int) -> None:
             sampler.sample()
@@ -362,6 +367,19 @@ def start_worker(
     return process
 
 
+def consume(process: subprocess.Popen[bytes], queue: str) -> None:
+    """Have the worker started by start_worker consume `queue` too (Celery's add_consumer)."""
+    from worker.app import app
+
+    node = f"bench-{os.getpid()}@{os.uname().nodename}"
+    if not app.control.add_consumer(queue, destination=[node], reply=True, timeout=10):
+        raise RuntimeError(f"the bench worker did not start consuming {queue}")
+    # No empty queue left behind on RabbitMQ (nor a consumer that its deletion would cancel).
+    app.control.cancel_consumer(IDLE_QUEUE, destination=[node], reply=True, timeout=10)
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_delete(IDLE_QUEUE)
+
+
 def stop_worker(process: subprocess.Popen[bytes]) -> None:
     """Warm shutdown (SIGTERM), then SIGKILL of its process group after 60 s."""
     process.send_signal(signal.SIGTERM)
@@ -382,18 +400,18 @@ def _worker_pids(process: subprocess.Popen[bytes]) -> list[int]:
 
 
 def _cpu_seconds(process: subprocess.Popen[bytes]) -> dict[str, float]:
-    """CPU seconds (user and system) so far of the worker's main process and of its children
-    together (children replaced meanwhile are not counted: the bench worker replaces none)."""
+    """CPU seconds so far of the worker's main process and of its children together, each
+    thread's time on a CPU in nanoseconds (/proc/<pid>/task/<tid>/schedstat), not the clock
+    ticks of /proc/<pid>/stat. Children replaced meanwhile are not counted: the bench worker
+    replaces none."""
     spent = {"main": 0.0, "children": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
     for pid in _worker_pids(process):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:
-            continue
-        # utime and stime: fields 14 and 15 of stat, 12 and 13 after the command's ")".
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        spent["main" if pid == process.pid else "children"] += seconds
+        kind = "main" if pid == process.pid else "children"
+        for schedstat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                spent[kind] += int(schedstat.read_text().split()[0]) / 1e9
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile
     return spent
 
 
