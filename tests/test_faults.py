@@ -36,6 +36,7 @@ from tests.conftest import (
     worker_connections,
 )
 from tests.faults import (
+    ctl,
     duplicates,
     held_by,
     kill9,
@@ -554,6 +555,36 @@ def test_rabbitmq_end_to_end_with_kills_of_a_child_and_the_main_process(
         lost=missing(db, payloads),
         duplicates=duplicates(worker.log(), successor.log()),
         dead_letters=count_rows(db, "dead_letter"),
+    )
+
+
+def test_rabbitmq_connections_closed_mid_drain_the_worker_reconnects_and_writes_everything(
+    db, database_url, redis_url, rabbit, start_worker
+):
+    # A broker that drops the worker's connections (a restart, a failover, a cancelled
+    # consumer) while groups wait for a process: what waited is redelivered, and group commit
+    # must not go on counting the jobs the pool forgot, nor wait for a flush the closed loop
+    # dropped (either left the worker connected and idle).
+    env = service_env(
+        DATABASE_URL=database_url, CELERY_BROKER_URL=rabbit.url, CELERY_RESULT_BACKEND=redis_url
+    )
+    payloads = [new_session() for _ in range(3000)]
+    fill(client(rabbit.url, redis_url), payloads)
+    worker = start_worker(concurrency=2, base_env=env)
+
+    for closed in range(3):
+        wait_for(lambda c=closed: count_rows(db) >= 500 * (c + 1), 120, "rows before the close")
+        ctl("close_all_connections", "-p", rabbit.name, "closed by the test")
+        wait_for(lambda: "Connected to amqp" in worker.log().rpartition("lost")[2], 60, "reconnect")
+    wait_for(lambda: count_rows(db) == 3000, 180, "3,000 rows after three closed connections")
+
+    assert_every_message_home(db, payloads)
+    assert worker.alive()
+    report(
+        "RabbitMQ: every connection closed three times mid-drain",
+        sent=3000,
+        lost=missing(db, payloads),
+        duplicates=duplicates(worker.log()),
     )
 
 

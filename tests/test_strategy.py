@@ -341,6 +341,16 @@ def test_a_closed_channel_drops_what_waits_and_the_jobs_the_pool_forgot(consumer
     assert [job.ids for job in consumer.jobs] == [[sent], [after]]
 
 
+def test_a_flush_the_closed_loop_dropped_does_not_stop_the_next_groups(consumer, deliver):
+    deliver("t.grouped", 1)  # its flush is scheduled for the end of this turn...
+    group_commit.connection_closed(consumer, cache={})
+    consumer.hub.soon.clear()  # ...and the loop that would have run it is gone
+
+    (after,) = deliver("t.grouped", 2)
+    consumer.hub.end_turn()
+    assert [job.ids for job in consumer.jobs] == [[after]]
+
+
 def test_a_closed_channel_keeps_counting_the_jobs_a_child_still_runs(consumer, deliver):
     (sent,) = deliver("t.grouped", 1)
     consumer.hub.end_turn()

@@ -236,6 +236,8 @@ def run(options: BenchOptions, progress: Callable[[str, int, int], None]) -> Ben
     finally:
         if worker:
             stop_worker(worker)
+            if options.prefill:
+                delete_idle_queue()
         if not options.keep:
             delete_rows(tag)
 
@@ -374,8 +376,14 @@ def consume(process: subprocess.Popen[bytes], queue: str) -> None:
     node = f"bench-{os.getpid()}@{os.uname().nodename}"
     if not app.control.add_consumer(queue, destination=[node], reply=True, timeout=10):
         raise RuntimeError(f"the bench worker did not start consuming {queue}")
-    # No empty queue left behind on RabbitMQ (nor a consumer that its deletion would cancel).
     app.control.cancel_consumer(IDLE_QUEUE, destination=[node], reply=True, timeout=10)
+
+
+def delete_idle_queue() -> None:
+    """No empty queue left behind on RabbitMQ (deleted once no worker consumes it: deleting a
+    queue cancels its consumers, which makes a worker reconnect)."""
+    from worker.app import app
+
     with app.connection_for_write() as connection:
         connection.default_channel.queue_delete(IDLE_QUEUE)
 

@@ -437,6 +437,9 @@ class Grouper:
         its `cache` any more: billiard's ApplyResults by job id) will never call back."""
         with self.lock:
             self.buffered.clear()
+            # A flush the closed loop had scheduled may never run: the next message schedules
+            # its own (else, waiting for it, the worker would never hand out a group again).
+            self.scheduled = False
             if cache is None:
                 return
             for token, result in list(self.jobs.items()):
