@@ -167,6 +167,12 @@ OVERRIDDEN = [
     # worker_process_init (which blocks SIGTERM) by after_fork, and handed the signals that come
     # from the main process.
     ("billiard.pool:Worker.after_fork", "(self)", "2210e993814bfebb"),
+    # celery_ext/decoding.py: the same decoding, one decoder made once.
+    (
+        "kombu.utils.json:loads",
+        "(s, _loads, decode_bytes, object_hook)",
+        "40ae6ffb3239b070",
+    ),
     ("billiard.common:_shutdown_cleanup", "(signum, frame)", "5b2da17a84fa0320"),
     ("celery.concurrency.prefork:process_initializer", "(app, hostname)", "15a8b226f8e00eee"),
     # logs.py, LOG_FORMAT=json: replaced by a function writing one JSON object (module global,
@@ -318,6 +324,12 @@ ATTRIBUTES = [
     ("celery.concurrency.prefork:TaskPool", "_pool", "celery.concurrency.prefork:TaskPool"),
     ("billiard.pool:Pool", "_cache", "billiard.pool:Pool"),
     ("billiard.pool:ApplyResult", "_accepted", "billiard.pool:ApplyResult"),
+    # celery_ext/decoding.py registers its decoder where kombu's registry looks it up.
+    (
+        "kombu.serialization:SerializerRegistry",
+        "_decoders",
+        "kombu.serialization:SerializerRegistry",
+    ),
     # group_commit.Grouper.closed: a job the pool forgot is no longer under its id in `_cache`.
     ("billiard.pool:ApplyResult", "_job", "billiard.pool:ApplyResult"),
     ("billiard.pool:ApplyResult", "_write_to", "celery.concurrency.asynpool"),

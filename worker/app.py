@@ -9,13 +9,15 @@ app.config_from_object("celeryconfig")
 # worker.db ties the per-process engine to the worker signals; worker.migrate checks the schema
 # before consuming; worker.logs writes one line per task outcome; worker.celery_ext.stop makes a
 # SIGTERM to the whole process group a warm shutdown; worker.metrics serves Prometheus metrics
-# when WRITING_SESSIONS_METRICS_PORT is set. Workers import them; producers never do.
+# when WRITING_SESSIONS_METRICS_PORT is set; worker.celery_ext.decoding decodes message bodies
+# with one JSON decoder. Workers import them; producers never do.
 app.conf.imports = (
     "worker.db",
     "worker.migrate",
     "worker.logs",
     "worker.celery_ext.stop",
     "worker.metrics",
+    "worker.celery_ext.decoding",
 )
 app.conf.include = ("tasks.writing_sessions",)
 # Not a Celery setting but celery_ext/consumer.py's: a message that cannot be turned into a task
