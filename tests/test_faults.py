@@ -21,6 +21,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -522,17 +523,24 @@ def test_broker_restarts_mid_load_the_worker_reconnects_and_persists_everything(
     )
 
 
-def test_rabbitmq_end_to_end_with_kills_of_a_child_and_the_main_process(
-    db, database_url, redis_url, rabbit, start_worker
-):
+def rabbitmq_backlog(
+    rabbit: Any, database_url: str, redis_url: str, start_worker: Any
+) -> tuple[dict[str, str], list[dict], Any]:
+    """3,000 saves on the test's RabbitMQ vhost, then a prefork worker on them: its environment,
+    the payloads and the worker. Queued first: a worker keeps up with one producer, and would
+    otherwise hold nothing when the test strikes."""
     env = service_env(
         DATABASE_URL=database_url, CELERY_BROKER_URL=rabbit.url, CELERY_RESULT_BACKEND=redis_url
     )
     payloads = [new_session() for _ in range(3000)]
-    # A backlog queued before the worker starts: it would otherwise keep up with one producer
-    # and hold nothing at the kills.
     fill(client(rabbit.url, redis_url), payloads)
-    worker = start_worker(concurrency=2, base_env=env)
+    return env, payloads, start_worker(concurrency=2, base_env=env)
+
+
+def test_rabbitmq_end_to_end_with_kills_of_a_child_and_the_main_process(
+    db, database_url, redis_url, rabbit, start_worker
+):
+    env, payloads, worker = rabbitmq_backlog(rabbit, database_url, redis_url, start_worker)
 
     wait_for(lambda: count_rows(db) >= 500, 120, "500 rows before killing a child")
     held_at_child_kill = rabbit.unacknowledged()
@@ -565,12 +573,7 @@ def test_rabbitmq_connections_closed_mid_drain_the_worker_reconnects_and_writes_
     # consumer) while groups wait for a process: what waited is redelivered, and group commit
     # must not go on counting the jobs the pool forgot, nor wait for a flush the closed loop
     # dropped (either left the worker connected and idle).
-    env = service_env(
-        DATABASE_URL=database_url, CELERY_BROKER_URL=rabbit.url, CELERY_RESULT_BACKEND=redis_url
-    )
-    payloads = [new_session() for _ in range(3000)]
-    fill(client(rabbit.url, redis_url), payloads)
-    worker = start_worker(concurrency=2, base_env=env)
+    _, payloads, worker = rabbitmq_backlog(rabbit, database_url, redis_url, start_worker)
 
     for closed in range(3):
         wait_for(lambda c=closed: count_rows(db) >= 500 * (c + 1), 120, "rows before the close")
