@@ -306,6 +306,15 @@ def _log_outcome(
     _context.set(None)
 
 
+def message_outcome(retval: Any, state: str | None) -> str:
+    """A message's outcome as the logs, the metrics and the traces name it: its result's
+    "outcome" (created, updated, duplicate, stale, deleted), else its state lowercased (failure,
+    retry; success for save_many, whose result counts its sessions per outcome)."""
+    if isinstance(retval, dict) and "outcome" in retval:
+        return str(retval["outcome"])
+    return (state or "unknown").lower()
+
+
 def log_outcome(
     task_id: str,
     task_name: str,
@@ -319,12 +328,10 @@ def log_outcome(
     ws_id = session_id(task_name, args)
     if ws_id:
         fields["session_id"] = ws_id
-    if isinstance(retval, dict) and "outcome" in retval:
-        fields["outcome"] = retval["outcome"]
-    elif isinstance(retval, dict):
+    if isinstance(retval, dict) and "outcome" not in retval:  # save_many: counts per outcome
         fields["outcome"] = ",".join(f"{k}:{v}" for k, v in retval.items() if v)
     else:
-        fields["outcome"] = (state or "unknown").lower()
+        fields["outcome"] = message_outcome(retval, state)
     if runtime is not None:
         fields["duration_ms"] = round(runtime * 1000, 2)
     logger.info("task %s", fields["outcome"], extra={"fields": fields})

@@ -31,6 +31,7 @@ from sqlalchemy import Engine, func, select, text
 
 from worker.celery_ext import broker
 from worker.db import make_engine
+from worker.logs import message_outcome
 from worker.models import DeadLetter
 from worker.settings import settings
 
@@ -156,18 +157,12 @@ def _count_outcome(
 ) -> None:
     if _counters is None:
         return
-    # worker/logs.py log_outcome's rule, repeated here until the two share it: the result's
-    # "outcome", else the state lowercased. A save_many result (counts per outcome, which the
-    # log line joins into one string) counts the message by its state, and its items apart.
-    if isinstance(retval, dict) and "outcome" in retval:
-        outcome = str(retval["outcome"])
-    else:
-        outcome = (state or "unknown").lower()
-        if isinstance(retval, dict):
-            for kind, count in retval.items():
-                if isinstance(count, int) and count > 0:
-                    _counters.batch_items.labels(outcome=kind).inc(count)
-    _counters.messages.labels(task=task.name, outcome=outcome).inc()
+    # A save_many result counts its sessions per outcome: counted apart, as items.
+    if isinstance(retval, dict) and "outcome" not in retval:
+        for kind, count in retval.items():
+            if isinstance(count, int) and count > 0:
+                _counters.batch_items.labels(outcome=kind).inc(count)
+    _counters.messages.labels(task=task.name, outcome=message_outcome(retval, state)).inc()
 
 
 @signals.task_retry.connect

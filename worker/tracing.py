@@ -29,10 +29,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from celery import signals
+from celery import signals, states
 
 from worker.errors import ConfigurationError
-from worker.logs import session_id
+from worker.logs import message_outcome, session_id
 
 #: Span attributes this project adds to each message's consumer span.
 SESSION_ID = "writing_sessions.session_id"
@@ -141,18 +141,15 @@ def _annotate(task: Any, outcome: str) -> None:
 
 
 def _succeeded(sender: Any, result: Any = None, **_: Any) -> None:
-    if isinstance(result, dict) and "outcome" in result:
-        _annotate(sender, str(result["outcome"]))
-    else:
-        _annotate(sender, "success")
+    _annotate(sender, message_outcome(result, states.SUCCESS))
 
 
 def _failed(sender: Any, **_: Any) -> None:
-    _annotate(sender, "failure")
+    _annotate(sender, message_outcome(None, states.FAILURE))
 
 
 def _retried(sender: Any, **_: Any) -> None:
-    _annotate(sender, "retry")
+    _annotate(sender, message_outcome(None, states.RETRY))
 
 
 def _flush(**_: Any) -> None:
