@@ -152,15 +152,21 @@ def finish(running, timeout: float = 240) -> tuple[list[str], str]:
 
 def test_kill_9_of_a_child_mid_load_redelivers_its_task(db, env, start_worker):
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
-    worker = start_worker(concurrency=2)
-    payloads = [new_session() for _ in range(3000)]
+    payloads = [new_session() for _ in range(5000)]
+    # A backlog queued before the worker starts: it keeps up with one producer, and would
+    # otherwise hold nothing at the kill.
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
+    worker = start_worker(concurrency=2)
 
-    wait_for(lambda: count_rows(db) >= 600, 120, "600 rows before the kill")
+    wait_for(
+        lambda: count_rows(db) >= 600 and held_by(broker, worker.pid) > 0,
+        120,
+        "600 rows, and the worker holding messages, before the kill",
+    )
     held = held_by(broker, worker.pid)
     victim = min(worker.children())
     kill9(victim)
-    wait_for(lambda: count_rows(db) == 3000, 180, "3,000 rows after the kill")
+    wait_for(lambda: count_rows(db) == 5000, 180, "5,000 rows after the kill")
 
     assert_every_message_home(db, payloads)
     assert held > 0, "the kill must hit messages in flight"
@@ -172,7 +178,7 @@ def test_kill_9_of_a_child_mid_load_redelivers_its_task(db, env, start_worker):
     assert worker.alive()
     report(
         "kill -9 of one prefork child",
-        sent=3000,
+        sent=len(payloads),
         held_at_kill=held,
         rows=count_rows(db),
         lost=missing(db, payloads),
@@ -312,19 +318,25 @@ def test_confirming_producers_bring_every_message_home_across_main_process_kills
 
 def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, start_worker):
     app = client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-    payloads = [new_session() for _ in range(1200)]
+    payloads = [new_session() for _ in range(4000)]
+    # A backlog queued before the worker starts: it keeps up with one producer, and would
+    # otherwise hold nothing at the shutdown.
+    fill(app, payloads[:3700])
     first = start_worker(concurrency=2)
-    fill(app, payloads[:900])
 
-    wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the shutdown")
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    wait_for(
+        lambda: count_rows(db) >= 300 and held_by(broker, first.pid) > 0,
+        120,
+        "300 rows, and the worker holding messages, before the shutdown",
+    )
     held = held_by(broker, first.pid)
     first.process.send_signal(signal.SIGTERM)
-    fill(app, payloads[900:])  # producers go on while the worker restarts
+    fill(app, payloads[3700:])  # producers go on while the worker restarts
     assert first.process.wait(60) == 0
     returned = broker.llen("celery")
     second = start_worker(concurrency=2)
-    wait_for(lambda: count_rows(db) == 1200, 180, "1,200 rows after the restart")
+    wait_for(lambda: count_rows(db) == 4000, 180, "4,000 rows after the restart")
 
     assert_every_message_home(db, payloads)
     with db.connect() as connection:
@@ -351,12 +363,18 @@ def test_warm_shutdown_mid_load_and_restart_loses_and_doubles_nothing(db, env, s
 
 @pytest.mark.exclusive  # restarts the machine's PostgreSQL, which every test process uses
 def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
-    worker = start_worker(concurrency=2, extra_env=FAST_RETRIES)
-    payloads = [new_session() for _ in range(1000)]
+    # A backlog queued before the worker starts: it keeps up with one producer, and would
+    # otherwise hold nothing at the restart.
+    payloads = [new_session() for _ in range(5000)]
     fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
+    worker = start_worker(concurrency=2, extra_env=FAST_RETRIES)
 
-    wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the restart")
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    wait_for(
+        lambda: count_rows(db) >= 300 and held_by(broker, worker.pid) > 0,
+        120,
+        "300 rows, and the worker holding messages, before the restart",
+    )
     held = held_by(broker, worker.pid)
     broker.close()
     version = next(iter(p.name for p in Path("/etc/postgresql").iterdir()))
@@ -372,7 +390,7 @@ def test_postgresql_restart_mid_load_the_pool_recovers(db, env, start_worker):
         60,
         "PostgreSQL back",
     )
-    wait_for(lambda: count_rows(db) == 1000, 180, "1,000 rows after the restart")
+    wait_for(lambda: count_rows(db) == 5000, 180, "5,000 rows after the restart")
 
     assert held > 0, "the restart must hit messages in flight"
     assert_every_message_home(db, payloads)
@@ -676,15 +694,16 @@ def test_a_fleet_mid_upgrade_restores_both_kinds_of_workers_messages(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    fill(app, first)
-
-    # Kill ours while it holds messages (on a busy machine the stock worker may have the queue's
-    # head for a moment); the children first, so that what it holds stays held.
-    wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the first kill")
+    # Ours' children stopped before the fill: what its main process takes stays held until the
+    # kill (both workers keep up with one producer, and would otherwise hold nothing then); the
+    # stock worker writes the first rows meanwhile.
     children = ours.children()
-    wait_for(lambda: held_by(broker, ours.pid) > 0, 60, "ours to hold messages")
     for child in children:
         os.kill(child, signal.SIGSTOP)
+    fill(app, first)
+
+    wait_for(lambda: count_rows(db) >= 300, 120, "300 rows before the first kill")
+    wait_for(lambda: held_by(broker, ours.pid) > 0, 60, "ours to hold messages")
     ours_held = held_by(broker, ours.pid)
     kill9(ours.pid)
     for child in children:
