@@ -4,7 +4,11 @@ a Redis that cannot persist (MISCONF) or became a replica (READONLY) loses nothi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -101,17 +105,21 @@ def test_a_redis_refusing_writes_after_a_failed_save_misconf_loses_nothing(
         client.lpush("celery", envelope([[session], {}, EMBED]))
     worker = start_worker(base_env=env, concurrency=1)
     wait_for(lambda: count_rows(db) >= 100, 60, "100 rows before the disk fails")
-
-    # A snapshot that cannot be written (as on a failing disk: here its name is a directory's):
-    # with a save point set, Redis refuses every write (MISCONF).
-    blocker = private_redis.directory / "dump.rdb"
-    (blocker / "in-the-way").mkdir(parents=True)
-    client.config_set("save", "3600 1")
-    client.config_set("stop-writes-on-bgsave-error", "yes")
-    client.bgsave()
-    wait_for(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err", 30, "MISCONF")
-    queued = client.llen("celery")  # a read: still answered
-    wait_for(lambda: "MISCONF" in worker.log(), 30, "the worker to meet the refusal")
+    # The child stopped until the worker has met the refusal: it would otherwise drain the
+    # queue first (its main process still fetches, settles and beats meanwhile).
+    with stopped(worker.children()):
+        # A snapshot that cannot be written (as on a failing disk: here its name is a
+        # directory's): with a save point set, Redis refuses every write (MISCONF).
+        blocker = private_redis.directory / "dump.rdb"
+        (blocker / "in-the-way").mkdir(parents=True)
+        client.config_set("save", "3600 1")
+        client.config_set("stop-writes-on-bgsave-error", "yes")
+        client.bgsave()
+        wait_for(
+            lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err", 30, "MISCONF"
+        )
+        queued = client.llen("celery")  # a read: still answered
+        wait_for(lambda: "MISCONF" in worker.log(), 30, "the worker to meet the refusal")
     (blocker / "in-the-way").rmdir()
     blocker.rmdir()
     client.config_set("stop-writes-on-bgsave-error", "no")
@@ -138,22 +146,24 @@ def test_a_redis_demoted_to_a_replica_mid_load_readonly_loses_nothing(
     wait_for(lambda: count_rows(db) >= 100, 60, "100 rows before the failover")
 
     # A failover, as Sentinel or a managed Redis makes one: a replica that has every message
-    # takes over, and the broker the worker talks to becomes a (read-only) replica of it.
+    # takes over, and the broker the worker talks to becomes a (read-only) replica of it. The
+    # child stopped until then: the worker would otherwise drain the queue first.
     (tmp_path / "other").mkdir()
     other = PrivateRedis(tmp_path / "other")
     promoted = redis.Redis(port=other.port)
-    try:
-        promoted.replicaof("127.0.0.1", private_redis.port)
-        wait_for(lambda: in_sync(promoted), 30, "the replica in sync")
-        promoted.replicaof("NO", "ONE")
-        client.replicaof("127.0.0.1", other.port)
-        wait_for(lambda: "read only replica" in worker.log(), 30, "the worker to meet READONLY")
-        queued = client.llen("celery")  # a read: still answered
-    finally:
-        client.replicaof("NO", "ONE")  # and back (the worker's URL names this one)
-        assert other.process is not None
-        other.process.kill()
-        other.process.wait(10)
+    with stopped(worker.children()):
+        try:
+            promoted.replicaof("127.0.0.1", private_redis.port)
+            wait_for(lambda: in_sync(promoted), 30, "the replica in sync")
+            promoted.replicaof("NO", "ONE")
+            client.replicaof("127.0.0.1", other.port)
+            wait_for(lambda: "read only replica" in worker.log(), 30, "the worker to meet READONLY")
+            queued = client.llen("celery")  # a read: still answered
+        finally:
+            client.replicaof("NO", "ONE")  # and back (the worker's URL names this one)
+            assert other.process is not None
+            other.process.kill()
+            other.process.wait(10)
 
     wait_for(lambda: count_rows(db) == len(sessions), 180, "every message written")
     assert queued > 0, "the refusal must come while messages wait"
@@ -162,6 +172,18 @@ def test_a_redis_demoted_to_a_replica_mid_load_readonly_loses_nothing(
     assert count_rows(db, "dead_letter") == 0
     wait_for(lambda: client.llen("celery") == 0, 30, "the queue empty")
     client.close()
+
+
+@contextlib.contextmanager
+def stopped(pids: set[int]) -> Iterator[None]:
+    """The processes `pids` stopped (SIGSTOP) for the block, continued after it."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def in_sync(replica: redis.Redis) -> bool:

@@ -46,7 +46,7 @@ def test_sigterm_to_the_process_group_of_a_loaded_worker_is_a_warm_shutdown(
     env = service_env(
         DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url, CELERY_RESULT_BACKEND=redis_url
     )
-    payloads = [new_session() for _ in range(3000)]
+    payloads = [new_session() for _ in range(6000)]
     fill(client(broker_url, redis_url), payloads)
     first = start_worker(base_env=env, concurrency=2)
     wait_for(lambda: count_rows(db) >= 500, 120, "500 rows before the stop")
