@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import uuid
 
@@ -12,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import count_rows, run_cli, run_python, service_env
+from tests.faults import stopped
 
 
 def test_send_wait_list_and_show_round_trip(env, start_worker, tmp_path):
@@ -98,19 +97,16 @@ def test_health_of_one_node_fails_for_a_stopped_node_while_the_others_answer(
     env, start_worker, tmp_path
 ):
     workers = [start_worker(name=f"node{n}-{tmp_path.name[-6:]}@%h") for n in range(3)]
-    os.kill(workers[1].pid, signal.SIGSTOP)
-    try:
+    with stopped([workers[1].pid]):
         each = [
             run_cli("health", "--node", worker.node, "--timeout", "2", env=env, cwd=tmp_path)
             for worker in workers
         ]
         anyone = run_cli("health", "--workers", "--timeout", "2", env=env, cwd=tmp_path)
-    finally:
-        os.kill(workers[1].pid, signal.SIGCONT)
 
     assert [result.returncode for result in each] == [0, 1, 0], [r.stdout for r in each]
-    stopped = workers[1].node.replace("%h", socket.gethostname())
-    assert f"FAIL worker {stopped}: no answer to ping" in each[1].stdout
+    silent = workers[1].node.replace("%h", socket.gethostname())
+    assert f"FAIL worker {silent}: no answer to ping" in each[1].stdout
     assert "1 answered" in each[0].stdout and "1 answered" in each[2].stdout
     assert anyone.returncode == 0  # why a container must not use --workers
     assert "2 answered" in anyone.stdout

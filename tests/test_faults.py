@@ -43,6 +43,7 @@ from tests.faults import (
     held_by,
     kill9,
     report,
+    stopped,
     wait_gone,
 )
 from worker.celery_ext.broker import Channel
@@ -206,12 +207,8 @@ def test_kill_9_of_the_main_process_every_held_message_comes_back_by_heartbeat(
         # A backlog, queued while the children are stopped: the worker, faster than one
         # producer, would otherwise keep up with the fill and hold nothing at the kill.
         payloads = [new_session() for _ in range(3000)]
-        children = worker.children()
-        for child in children:
-            os.kill(child, signal.SIGSTOP)
-        fill(app, payloads)
-        for child in children:
-            os.kill(child, signal.SIGCONT)
+        with stopped(worker.children()):
+            fill(app, payloads)
 
         wait_for(
             lambda s=sent, w=worker: count_rows(db) >= s + 400 and held_by(broker, w.pid) > 0,
@@ -443,16 +440,12 @@ def test_warm_shutdown_reads_the_results_of_groups_a_child_had_not_yet_accepted(
     # returned to the queue to run again.
     first = start_worker(concurrency=2)
     children = first.children()
-    for child in children:
-        os.kill(child, signal.SIGSTOP)
     payloads = [new_session() for _ in range(200)]
-    fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
-    wait_for(lambda: all(unread_bytes(c) for c in children), 30, "a group in each child's pipe")
-
-    first.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: "Warm shutdown" in first.log(), 30, "the warm shutdown to start")
-    for child in children:
-        os.kill(child, signal.SIGCONT)
+    with stopped(children):
+        fill(client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"]), payloads)
+        wait_for(lambda: all(unread_bytes(c) for c in children), 30, "a group in each child's pipe")
+        first.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Warm shutdown" in first.log(), 30, "the warm shutdown to start")
     assert first.process.wait(60) == 0
     written_by_first = count_rows(db)
     second = start_worker(concurrency=2)

@@ -4,18 +4,14 @@ a Redis that cannot persist (MISCONF) or became a replica (READONLY) loses nothi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.exceptions import OutOfMemoryError
 
 from tests.conftest import count_rows, new_session, service_env, wait_for
-from tests.faults import PrivateRedis
+from tests.faults import PrivateRedis, stopped
 from tests.test_malformed import EMBED, envelope
 
 pytestmark = pytest.mark.faults
@@ -172,18 +168,6 @@ def test_a_redis_demoted_to_a_replica_mid_load_readonly_loses_nothing(
     assert count_rows(db, "dead_letter") == 0
     wait_for(lambda: client.llen("celery") == 0, 30, "the queue empty")
     client.close()
-
-
-@contextlib.contextmanager
-def stopped(pids: set[int]) -> Iterator[None]:
-    """The processes `pids` stopped (SIGSTOP) for the block, continued after it."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 def in_sync(replica: redis.Redis) -> bool:
