@@ -409,9 +409,10 @@ class Grouper:
             self.scheduled = False
             keys = list(self.buffered)
             for left, key in zip(range(len(keys), 0, -1), keys, strict=True):
-                share = self.free if left == 1 else max(1, self.free // left)
-                if not self.free:
+                free = self.free
+                if not free:
                     return
+                share = max(1, free // left)  # each group of requests its part, the last the rest
                 requests = self.buffered.pop(key)
                 self.dispatch(key, requests[: key[1] * share], processes=share)
                 if len(requests) > key[1] * share:
